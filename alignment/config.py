@@ -1,0 +1,71 @@
+"""Typed configuration shared by the steps: the single source of truth.
+
+YAML files in ``configs/`` only override these defaults, and run.py's flags
+override the YAML. ZenML validates step parameters against these models, so a
+wrong value fails before anything runs, with the field's name in the message.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class DataConfig(BaseModel):
+    """Where the preference pairs come from and which rows are kept."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    path: str = Field("data/tiny_pickapic", description="directory of Pick-a-Pic-schema parquet shards or a datasets dir")
+    split: str = "train"
+    max_rows: int | None = Field(None, ge=1, description="read at most this many rows (smoke runs)")
+    drop_ties: bool = True
+    require_has_label: bool = False
+    require_are_different: bool = False
+    fingerprint: str = Field(
+        "",
+        description="content fingerprint of the data, filled in by run.py so a data change re-runs loading",
+    )
+
+
+class ValidationConfig(BaseModel):
+    """Checks that must pass before any encoding or training."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    decode_images: bool = Field(True, description="decode every image (catches corrupt bytes with the row id)")
+    min_pairs: int = Field(1, ge=1, description="fewest usable (non-tie) pairs to train on")
+    max_tie_ratio: float = Field(0.5, ge=0, le=1, description="refuse data that is mostly ties")
+
+
+StorageDtype = Literal["float32", "float16", "bfloat16"]
+
+
+def torch_dtype(name: StorageDtype) -> torch.dtype:
+    return {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[name]
+
+
+class EncodeConfig(BaseModel):
+    """How the latent / prompt-embedding cache is built."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    batch_size: int = Field(8, ge=1, description="images per VAE call")
+    storage_dtype: StorageDtype = "float32"
+    device: str = Field("auto", description="'auto' = cuda if available, else cpu")
+
+
+class OutputConfig(BaseModel):
+    """Where resumable training state lives (must survive a killed run)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    checkpoint_root: str = Field("outputs/checkpoints", description="relative to the repository root, or absolute")
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)

@@ -1,0 +1,45 @@
+"""Step: LoRA preference training (Diffusion-DPO or SFT)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+from zenml import ArtifactConfig, step
+from zenml.enums import ArtifactType
+
+from alignment.config import OutputConfig
+from alignment.encoding import EncodedPairs
+from alignment.models import ModelSpec
+from alignment.train import TrainConfig
+from steps.training import run_training
+
+
+@step
+def train_alignment(
+    encoded: EncodedPairs,
+    model: ModelSpec,
+    training: TrainConfig,
+    output: OutputConfig,
+) -> tuple[
+    Annotated[Path, ArtifactConfig(name="lora_weights", artifact_type=ArtifactType.MODEL)],
+    Annotated[dict, ArtifactConfig(name="training_metrics")],
+]:
+    """Train a LoRA on the UNet's attention and save it in diffusers format.
+
+    A killed run resumes from its latest checkpoint when the pipeline is run
+    again with the same data, model and hyper-parameters.
+
+    Args:
+        encoded: the cached latents and prompt embeddings.
+        model: the base model (the same one that encoded the pairs).
+        training: method, beta, LoRA rank, optimizer, schedule, steps.
+        output: where checkpoints live.
+
+    Returns:
+        A directory with ``pytorch_lora_weights.safetensors`` (load it with
+        ``pipeline.load_lora_weights(dir)``) and the training metrics.
+    """
+    if training.finetune != "lora":
+        raise ValueError("train_alignment trains LoRA adapters; set training.finetune: lora or use train_alignment_full")
+    return run_training(encoded, model, training, output)

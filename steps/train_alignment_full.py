@@ -1,0 +1,36 @@
+"""Step: full fine-tuning of the UNet (the official Diffusion-DPO setting)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+from zenml import ArtifactConfig, step
+from zenml.enums import ArtifactType
+
+from alignment.config import OutputConfig
+from alignment.encoding import EncodedPairs
+from alignment.models import ModelSpec
+from alignment.train import TrainConfig
+from steps.training import run_training
+
+
+@step
+def train_alignment_full(
+    encoded: EncodedPairs,
+    model: ModelSpec,
+    training: TrainConfig,
+    output: OutputConfig,
+) -> tuple[
+    Annotated[Path, ArtifactConfig(name="unet_weights", artifact_type=ArtifactType.MODEL)],
+    Annotated[dict, ArtifactConfig(name="training_metrics")],
+]:
+    """Fine-tune every UNet weight against a frozen reference copy.
+
+    Returns:
+        A directory with ``unet/`` (``UNet2DConditionModel.from_pretrained(dir,
+        subfolder="unet")``) and the training metrics.
+    """
+    if training.finetune != "full":
+        raise ValueError("train_alignment_full needs training.finetune: full")
+    return run_training(encoded, model, training, output)
