@@ -73,7 +73,19 @@ class EncodedPairs:
             "time_ids_w": self.time_ids_w,
             "time_ids_l": self.time_ids_l,
         }
-        return {name: tensor.contiguous() for name, tensor in named.items() if tensor is not None}
+        out: dict[str, torch.Tensor] = {}
+        seen: set[int] = set()
+        for name, tensor in named.items():
+            if tensor is None:
+                continue
+            tensor = tensor.contiguous()
+            # safetensors refuses tensors that share storage (e.g. one time_ids
+            # tensor used for winners and losers): give each its own copy.
+            if tensor.data_ptr() in seen:
+                tensor = tensor.clone()
+            seen.add(tensor.data_ptr())
+            out[name] = tensor
+        return out
 
     def save(self, directory: str | Path) -> Path:
         """Write safetensors + a json sidecar (no pickle: the cache is data, not code)."""

@@ -299,7 +299,11 @@ class PreferenceTrainer:
             # (add_lora upcasts them) so small updates are not rounded away.
             unet.requires_grad_(False)
             unet.to(device=device, dtype=self.weight_dtype)
-            add_lora(unet, config.lora)
+            # The LoRA init draws from the global RNG: seed it so the run is
+            # reproducible without disturbing the caller's RNG state.
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(config.seed)
+                add_lora(unet, config.lora)
         else:
             unet.to(device=device, dtype=torch.float32)
             unet.requires_grad_(True)

@@ -42,4 +42,6 @@ def train_alignment(
     """
     if training.finetune != "lora":
         raise ValueError("train_alignment trains LoRA adapters; set training.finetune: lora or use train_alignment_full")
-    return run_training(encoded, model, training, output)
+    # Returned as a tuple literal: ZenML reads the return statement to see two outputs.
+    weights_dir, metrics = run_training(encoded, model, training, output)
+    return weights_dir, metrics

@@ -33,4 +33,6 @@ def train_alignment_full(
     """
     if training.finetune != "full":
         raise ValueError("train_alignment_full needs training.finetune: full")
-    return run_training(encoded, model, training, output)
+    # Returned as a tuple literal: ZenML reads the return statement to see two outputs.
+    weights_dir, metrics = run_training(encoded, model, training, output)
+    return weights_dir, metrics

@@ -1,0 +1,121 @@
+"""Real ZenML runs of dpo_sdxl on the tiny profile, and run.py's front door.
+
+Pipeline runs cost ~10 s of ZenML overhead each, so this module runs the
+pipeline twice in one process and checks everything on those two runs.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+import run
+from alignment.models import build_tiny_components
+
+pytestmark = pytest.mark.pipeline
+
+
+def _run_pipeline(name: str, tmp: Path, *overrides: str):
+    from zenml.client import Client
+
+    from pipelines import PIPELINES
+
+    config = run.resolve_config(
+        name,
+        None,
+        "tiny",
+        (
+            "parameters.training.max_train_steps=3",
+            "parameters.training.train_batch_size=2",
+            f"parameters.output.checkpoint_root={tmp / 'checkpoints'}",
+            *overrides,
+        ),
+    )
+    run.preflight(name, config, "tiny")
+    resolved = run.save_resolved(name, config)
+    PIPELINES[name].with_options(config_path=str(resolved), enable_cache=True)()
+    return Client().get_pipeline(name).last_run
+
+
+@pytest.fixture(scope="module")
+def two_runs(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("pipeline")
+    first = _run_pipeline("dpo_sdxl", tmp)
+    second = _run_pipeline("dpo_sdxl", tmp, "parameters.training.beta=2500")
+    return first, second
+
+
+def _status(run_response, step: str) -> str:
+    return str(run_response.steps[step].status.value)
+
+
+def test_first_run_executes_every_step_and_links_artifacts_to_the_model(two_runs):
+    from zenml.client import Client
+
+    first, _ = two_runs
+    assert str(first.status.value) == "completed"
+    for step in ("load_preferences", "validate_preferences", "encode_pairs", "train_alignment"):
+        assert _status(first, step) == "completed", step
+    version = Client().get_model_version("dpo_sdxl", first.model_version.number)
+    linked = set(version.data_artifact_ids) | set(version.model_artifact_ids)
+    assert version.get_artifact("lora_weights") is not None
+    assert version.get_artifact("training_metrics") is not None
+    assert linked
+    metrics = version.get_artifact("training_metrics").load()
+    assert metrics["summary"]["final_step"] == 3
+    assert metrics["config"]["beta"] == 5000
+
+
+def test_changing_beta_reuses_loading_validation_and_encoding(two_runs):
+    first, second = two_runs
+    for step in ("load_preferences", "validate_preferences", "encode_pairs"):
+        assert _status(second, step) == "cached", step
+    assert _status(second, "train_alignment") == "completed"
+    assert second.model_version.number == first.model_version.number + 1
+
+
+def test_lora_artifact_loads_into_a_diffusers_pipeline_and_changes_it(two_runs):
+    first, _ = two_runs
+    weights = Path(first.steps["train_alignment"].outputs["lora_weights"][0].load())
+    assert (weights / "pytorch_lora_weights.safetensors").is_file()
+
+    def sample(pipe):
+        import torch
+
+        generator = torch.Generator().manual_seed(0)
+        return pipe("a red circle", num_inference_steps=2, height=64, width=64, generator=generator, output_type="np").images
+
+    pipe = build_tiny_components("sdxl", seed=0).to_pipeline()
+    before = sample(pipe)
+    pipe.load_lora_weights(str(weights))
+    after = sample(pipe)
+    assert before.shape == after.shape == (1, 64, 64, 3)
+    assert not np.allclose(before, after)
+
+
+def test_help_lists_the_pipelines():
+    result = CliRunner().invoke(run.main, ["--help"])
+    assert result.exit_code == 0
+    for name in run.PIPELINE_NAMES:
+        assert name in result.output
+
+
+def test_real_config_without_weights_fails_fast_with_a_hint():
+    started = time.perf_counter()
+    result = CliRunner().invoke(run.main, ["--pipeline", "dpo_sdxl"])
+    assert result.exit_code != 0
+    assert "data/pickapic_v2" in result.output and "--profile tiny" in result.output
+
+    result = CliRunner().invoke(run.main, ["--pipeline", "dpo_sdxl", "--set", "parameters.data.path=data/tiny_pickapic"])
+    assert result.exit_code != 0
+    assert "stabilityai/stable-diffusion-xl-base-1.0" in result.output and "--profile tiny" in result.output
+    assert time.perf_counter() - started < 30
+
+
+def test_unknown_profile_and_bad_values_are_named():
+    result = CliRunner().invoke(run.main, ["--pipeline", "dpo_sdxl", "--profile", "nope"])
+    assert result.exit_code != 0 and "unknown profile 'nope'" in result.output

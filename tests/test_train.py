@@ -1,0 +1,183 @@
+"""The training recipe on the tiny built-in models: reference, resume, variants."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from alignment.conditioning import encode_prompts, sdxl_time_ids
+from alignment.encoding import EncodedPairs
+from alignment.models import LoraSpec, build_tiny_components, lora_state_dict
+from alignment.train import (
+    PreferenceTrainer,
+    TrainConfig,
+    gather_batch,
+    global_batch_indices,
+    list_checkpoints,
+    train_alignment,
+)
+
+
+def synthetic_pairs(components, num_pairs: int = 6, latent_size: int = 16, seed: int = 0) -> EncodedPairs:
+    """Random latents with real prompt embeddings from the tiny text encoders."""
+    generator = torch.Generator().manual_seed(seed)
+    captions = [f"a {c} shape" for c in ("red", "blue", "green")]
+    prompts = encode_prompts(components, captions)
+    null = encode_prompts(components, [""])
+    shape = (num_pairs, 4, latent_size, latent_size)
+    time_ids = None
+    if components.arch == "sdxl":
+        size = latent_size * components.vae_scale_factor
+        time_ids = sdxl_time_ids([(size, size)] * num_pairs, [(0, 0)] * num_pairs, (size, size))
+    return EncodedPairs(
+        arch=components.arch,
+        resolution=latent_size * components.vae_scale_factor,
+        latents_w=torch.randn(shape, generator=generator),
+        latents_l=torch.randn(shape, generator=generator),
+        prompt_index=torch.arange(num_pairs) % len(captions),
+        prompt_embeds=prompts.prompt_embeds,
+        null_prompt_embeds=null.prompt_embeds,
+        pooled_prompt_embeds=prompts.pooled_prompt_embeds,
+        null_pooled_prompt_embeds=null.pooled_prompt_embeds,
+        time_ids_w=time_ids,
+        time_ids_l=time_ids,
+        pair_ids=[f"pair-{i}" for i in range(num_pairs)],
+        captions=[captions[i % len(captions)] for i in range(num_pairs)],
+    )
+
+
+def tiny_config(**overrides) -> TrainConfig:
+    base = dict(
+        method="dpo",
+        beta=500.0,
+        lora=LoraSpec(rank=4),
+        learning_rate=1e-3,
+        max_train_steps=4,
+        train_batch_size=2,
+        caption_dropout=0.25,
+        checkpointing_steps=2,
+        checkpoints_total_limit=None,
+    )
+    base.update(overrides)
+    return TrainConfig(**base)
+
+
+@pytest.fixture(scope="module")
+def sdxl_pairs():
+    return synthetic_pairs(build_tiny_components("sdxl", seed=0))
+
+
+def test_first_dpo_step_sees_an_exact_reference(tmp_path, sdxl_pairs):
+    # LoRA starts with B = 0, so before the first update policy == reference:
+    # the loss is exactly log 2 and policy and reference errors coincide.
+    components = build_tiny_components("sdxl", seed=0)
+    result = train_alignment(components, sdxl_pairs, tiny_config(max_train_steps=1), checkpoint_dir=tmp_path, show_progress=False)
+    first = result.history[0]
+    assert first["loss/dpo"] == pytest.approx(math.log(2.0), abs=1e-6)
+    assert first["mse/policy_w"] == pytest.approx(first["mse/ref_w"], abs=1e-7)
+    assert first["mse/policy_l"] == pytest.approx(first["mse/ref_l"], abs=1e-7)
+
+
+def test_dpo_moves_the_lora_and_keeps_the_base_frozen(tmp_path, sdxl_pairs):
+    components = build_tiny_components("sdxl", seed=0)
+    base_weight = components.unet.conv_in.weight.detach().clone()
+    result = train_alignment(components, sdxl_pairs, tiny_config(), checkpoint_dir=tmp_path, show_progress=False)
+    assert result.final_step == 4 and len(result.history) == 4
+    lora = lora_state_dict(components.unet)
+    assert lora and all("lora" in key for key in lora)
+    assert any(key.endswith("lora.up.weight") and value.abs().sum() > 0 for key, value in lora.items())
+    assert torch.equal(components.unet.conv_in.weight, base_weight)
+    assert result.history[-1]["dpo/implicit_acc"] >= 0.0
+    assert {"train/lr", "train/grad_norm", "dpo/margin"} <= set(result.history[-1])
+
+
+def test_resume_after_a_kill_matches_the_uninterrupted_run(tmp_path, sdxl_pairs):
+    config = tiny_config(max_train_steps=6, checkpointing_steps=3)
+    straight = build_tiny_components("sdxl", seed=0)
+    train_alignment(straight, sdxl_pairs, config, checkpoint_dir=tmp_path / "straight", show_progress=False)
+
+    class Killed(Exception):
+        pass
+
+    def kill_at_half(step: int) -> None:
+        if step == 3:
+            raise Killed
+
+    interrupted = build_tiny_components("sdxl", seed=0)
+    with pytest.raises(Killed):
+        train_alignment(interrupted, sdxl_pairs, config, checkpoint_dir=tmp_path / "resumed", on_step_end=kill_at_half, show_progress=False)
+    assert [p.name for p in list_checkpoints(tmp_path / "resumed")] == ["checkpoint-000003"]
+
+    resumed = build_tiny_components("sdxl", seed=0)
+    result = train_alignment(resumed, sdxl_pairs, config, checkpoint_dir=tmp_path / "resumed", show_progress=False)
+    assert result.resumed_from_step == 3 and result.final_step == 6
+    expected, actual = lora_state_dict(straight.unet), lora_state_dict(resumed.unet)
+    assert expected.keys() == actual.keys()
+    for key in expected:
+        torch.testing.assert_close(actual[key], expected[key], rtol=1e-5, atol=1e-6)
+
+
+def test_checkpoints_of_another_run_are_refused(tmp_path, sdxl_pairs):
+    components = build_tiny_components("sdxl", seed=0)
+    train_alignment(components, sdxl_pairs, tiny_config(max_train_steps=2), checkpoint_dir=tmp_path, fingerprint="run-a", show_progress=False)
+    with pytest.raises(RuntimeError, match="belongs to another run"):
+        train_alignment(build_tiny_components("sdxl", seed=0), sdxl_pairs, tiny_config(max_train_steps=2), checkpoint_dir=tmp_path, fingerprint="run-b", show_progress=False)
+
+
+def test_half_written_checkpoints_are_ignored(tmp_path, sdxl_pairs):
+    (tmp_path / ".tmp-checkpoint-000002").mkdir(parents=True)
+    (tmp_path / "checkpoint-000009").mkdir()  # no state.json: never completed
+    result = train_alignment(build_tiny_components("sdxl", seed=0), sdxl_pairs, tiny_config(max_train_steps=2), checkpoint_dir=tmp_path, show_progress=False)
+    assert result.resumed_from_step is None
+    assert not (tmp_path / ".tmp-checkpoint-000002").exists()
+
+
+def test_full_finetune_keeps_a_frozen_reference_copy(tmp_path):
+    components = build_tiny_components("sd15", seed=1)
+    pairs = synthetic_pairs(components)
+    trainer = PreferenceTrainer(components, pairs, tiny_config(finetune="full", max_train_steps=2, learning_rate=1e-4), checkpoint_dir=tmp_path, show_progress=False)
+    trainer.setup()
+    reference_before = {k: v.clone() for k, v in trainer.reference_unet.state_dict().items()}
+    policy_before = trainer.unet.conv_in.weight.detach().clone()
+    trainer.train()
+    for key, value in trainer.reference_unet.state_dict().items():
+        assert torch.equal(value, reference_before[key]), key
+    assert not torch.equal(trainer.unet.conv_in.weight, policy_before)
+
+
+def test_sft_trains_without_a_reference(tmp_path):
+    components = build_tiny_components("sd15", seed=1)
+    pairs = synthetic_pairs(components)
+    result = train_alignment(components, pairs, tiny_config(method="sft", max_train_steps=2), checkpoint_dir=tmp_path, show_progress=False)
+    assert "loss/sft" in result.history[-1] and "loss/dpo" not in result.history[-1]
+
+
+def test_arch_mismatch_is_refused(tmp_path, sdxl_pairs):
+    with pytest.raises(ValueError, match="made for 'sdxl'"):
+        PreferenceTrainer(build_tiny_components("sd15"), sdxl_pairs, tiny_config(), checkpoint_dir=tmp_path)
+
+
+def test_batches_cover_each_epoch_once_and_split_across_processes():
+    seen = [i for k in range(3) for i in global_batch_indices(6, 4, k, seed=3)]
+    assert sorted(seen[:6]) == list(range(6)) and sorted(seen[6:12]) == list(range(6))
+    # one process with a global batch of 4 == two processes taking halves
+    whole = global_batch_indices(10, 4, 5, seed=1)
+    assert whole[:2] + whole[2:] == whole == global_batch_indices(10, 4, 5, seed=1)
+
+
+def test_caption_dropout_swaps_in_the_empty_prompt(sdxl_pairs):
+    drop = torch.tensor([True, False])
+    batch = gather_batch(sdxl_pairs, [0, 1], drop, torch.device("cpu"), torch.float32)
+    assert torch.equal(batch.prompt_embeds[0], sdxl_pairs.null_prompt_embeds[0])
+    assert torch.equal(batch.pooled_prompt_embeds[0], sdxl_pairs.null_pooled_prompt_embeds[0])
+    assert torch.equal(batch.prompt_embeds[1], sdxl_pairs.prompt_embeds[sdxl_pairs.prompt_index[1]])
+
+
+def test_encoded_pairs_round_trip(tmp_path, sdxl_pairs):
+    sdxl_pairs.save(tmp_path)
+    loaded = EncodedPairs.load(tmp_path)
+    assert loaded.pair_ids == sdxl_pairs.pair_ids and loaded.is_sdxl
+    for name, tensor in sdxl_pairs.tensors().items():
+        assert torch.equal(loaded.tensors()[name], tensor), name
