@@ -5,15 +5,23 @@ from __future__ import annotations
 from typing import Annotated
 
 import pandas as pd
+import alignment.conditioning
+import alignment.data
+import alignment.encoding
+import alignment.models
 from zenml import ArtifactConfig, log_metadata, step
 
 from alignment.config import DataConfig, EncodeConfig, resolve_device, torch_dtype
 from alignment.encoding import EncodedPairs, encode_pairs as encode_pairs_with_model
 from alignment.models import ModelSpec, load_components
+from steps.caching import cache_on
 from steps.materializers import EncodedPairsMaterializer
 
 
-@step(output_materializers=EncodedPairsMaterializer)
+@step(
+    output_materializers=EncodedPairsMaterializer,
+    cache_policy=cache_on(alignment.data, alignment.encoding, alignment.conditioning, alignment.models),
+)
 def encode_pairs(
     pairs: pd.DataFrame,
     model: ModelSpec,

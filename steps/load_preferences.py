@@ -5,14 +5,16 @@ from __future__ import annotations
 from typing import Annotated
 
 import pandas as pd
+import alignment.data
 from zenml import ArtifactConfig, log_metadata, step
 
 from alignment.config import DataConfig
 from alignment.data import load_preference_frame
+from steps.caching import cache_on
 from steps.paths import repo_path
 
 
-@step
+@step(cache_policy=cache_on(alignment.data))
 def load_preferences(data: DataConfig) -> Annotated[pd.DataFrame, ArtifactConfig(name="preference_rows")]:
     """Load the raw preference rows (all Pick-a-Pic v2 columns, plus ``row_id``).
 

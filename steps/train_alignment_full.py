@@ -5,6 +5,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated
 
+import alignment.losses
+import alignment.models
+import alignment.noise
+import alignment.train
+import steps.training
 from zenml import ArtifactConfig, step
 from zenml.enums import ArtifactType
 
@@ -12,10 +17,11 @@ from alignment.config import OutputConfig
 from alignment.encoding import EncodedPairs
 from alignment.models import ModelSpec
 from alignment.train import TrainConfig
+from steps.caching import cache_on
 from steps.training import run_training
 
 
-@step
+@step(cache_policy=cache_on(alignment.train, alignment.losses, alignment.noise, alignment.models, steps.training))
 def train_alignment_full(
     encoded: EncodedPairs,
     model: ModelSpec,

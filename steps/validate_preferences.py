@@ -5,13 +5,16 @@ from __future__ import annotations
 from typing import Annotated
 
 import pandas as pd
+import alignment.data
+import alignment.validation
 from zenml import ArtifactConfig, log_metadata, step
 
 from alignment.config import DataConfig, ValidationConfig
 from alignment.validation import PreferenceValidationError, validate_preference_rows
+from steps.caching import cache_on
 
 
-@step
+@step(cache_policy=cache_on(alignment.data, alignment.validation))
 def validate_preferences(
     rows: pd.DataFrame,
     data: DataConfig,
