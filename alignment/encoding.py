@@ -103,7 +103,7 @@ class EncodedPairs:
         return directory
 
     @classmethod
-    def load(cls, directory: str | Path) -> "EncodedPairs":
+    def load(cls, directory: str | Path) -> EncodedPairs:
         directory = Path(directory)
         tensors = load_file(str(directory / TENSORS_FILE))
         meta = json.loads((directory / META_FILE).read_text())

@@ -347,16 +347,28 @@ def load_components(
             vae_dir, subfolder=_vae_subfolder(vae_dir), local_files_only=True
         )
 
-    components.unet.to(device=device, dtype=dtype)
+    move_module(components.unet, device, dtype)
     # The VAE stays float32 whatever `dtype` is: the SDXL VAE overflows to NaN in fp16, and
     # encoding is done once per image, so its cost does not matter.
-    components.vae.to(device=device, dtype=torch.float32)
+    move_module(components.vae, device, torch.float32)
     _freeze(components.vae)
     for encoder in (components.text_encoder, components.text_encoder_2):
         if encoder is not None:
-            encoder.to(device=device, dtype=dtype)
+            move_module(encoder, device, dtype)
             _freeze(encoder)
     return components
+
+
+def move_module(module: nn.Module, device: torch.device | str, dtype: torch.dtype) -> nn.Module:
+    """``module.to(device, dtype)``, passing the dtype only when it changes.
+
+    diffusers warns on every dtype-carrying ``.to()`` of a model; a no-op cast
+    should not fill the logs with that warning.
+    """
+    current = next(module.parameters(), None)
+    if current is not None and current.dtype == dtype:
+        return module.to(device=device)
+    return module.to(device=device, dtype=dtype)
 
 
 # --------------------------------------------------------------------------------------------
@@ -752,9 +764,10 @@ def save_lora_weights(unet: nn.Module, directory: Path, arch: Arch) -> Path:
 def load_lora_into_unet(unet: nn.Module, directory: Path | str) -> None:
     """Load LoRA weights saved by :func:`save_lora_weights` into a UNet, without a pipeline.
 
-    If the UNet already has the adapter (resume after :func:`add_lora`), its
-    weights are overwritten in place, keeping the optimizer's parameter
-    objects; otherwise the adapter is created from the file.
+    If the UNet already has the adapter (resume: call :func:`add_lora` with
+    the saved spec first), its weights are overwritten in place, keeping the
+    optimizer's parameter objects. Otherwise the adapter is created from the
+    file with the saved rank and alpha, for evaluation.
 
     Args:
         unet: The UNet, bare or wrapped.

@@ -20,9 +20,9 @@ from __future__ import annotations
 import argparse
 import io
 import json
+from collections.abc import Sequence
 from datetime import timedelta
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 from PIL import Image, ImageDraw

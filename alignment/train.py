@@ -44,7 +44,7 @@ from tqdm.auto import tqdm
 
 from alignment.encoding import EncodedPairs
 from alignment.losses import LossOutput, dpo_loss, sft_loss
-from alignment.models import DiffusionComponents, LoraSpec, adapters_disabled, add_lora
+from alignment.models import DiffusionComponents, LoraSpec, adapters_disabled, add_lora, move_module
 from alignment.noise import noisy_latents_and_target, per_sample_mse
 
 CHECKPOINT_PREFIX = "checkpoint-"
@@ -80,7 +80,7 @@ class TrainConfig(BaseModel):
     seed: int = 0
 
     @model_validator(mode="after")
-    def _check_combinations(self) -> "TrainConfig":
+    def _check_combinations(self) -> TrainConfig:
         if self.finetune == "full" and self.mixed_precision == "fp16" and self.optimizer == "adafactor":
             raise ValueError("full fine-tuning with fp16 and adafactor is unsupported: use bf16 or adamw")
         return self
@@ -298,17 +298,17 @@ class PreferenceTrainer:
             # Frozen base weights in the compute dtype; LoRA weights stay float32
             # (add_lora upcasts them) so small updates are not rounded away.
             unet.requires_grad_(False)
-            unet.to(device=device, dtype=self.weight_dtype)
+            move_module(unet, device, self.weight_dtype)
             # The LoRA init draws from the global RNG: seed it so the run is
             # reproducible without disturbing the caller's RNG state.
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(config.seed)
                 add_lora(unet, config.lora)
         else:
-            unet.to(device=device, dtype=torch.float32)
+            move_module(unet, device, torch.float32)
             unet.requires_grad_(True)
             if config.uses_reference:
-                self.reference_unet = copy.deepcopy(unet).to(dtype=self.weight_dtype)
+                self.reference_unet = move_module(copy.deepcopy(unet), device, self.weight_dtype)
                 self.reference_unet.requires_grad_(False).eval()
         if config.gradient_checkpointing:
             unet.enable_gradient_checkpointing()

@@ -61,7 +61,7 @@ class PreferenceValidationError(ValueError):
 
 def _undecodable_rows(pairs: pd.DataFrame) -> list[tuple[str, str]]:
     bad = []
-    for row_id, image_w, image_l in zip(pairs["row_id"], pairs["image_w"], pairs["image_l"]):
+    for row_id, image_w, image_l in zip(pairs["row_id"], pairs["image_w"], pairs["image_l"], strict=True):
         for column, data in (("image_w", image_w), ("image_l", image_l)):
             try:
                 decode_image(data, row_id=str(row_id), column=column)

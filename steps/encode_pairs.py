@@ -5,14 +5,15 @@ from __future__ import annotations
 from typing import Annotated
 
 import pandas as pd
+from zenml import ArtifactConfig, log_metadata, step
+
 import alignment.conditioning
 import alignment.data
 import alignment.encoding
 import alignment.models
-from zenml import ArtifactConfig, log_metadata, step
-
 from alignment.config import DataConfig, EncodeConfig, resolve_device, torch_dtype
-from alignment.encoding import EncodedPairs, encode_pairs as encode_pairs_with_model
+from alignment.encoding import EncodedPairs
+from alignment.encoding import encode_pairs as encode_pairs_with_model
 from alignment.models import ModelSpec, load_components
 from steps.caching import cache_on
 from steps.materializers import EncodedPairsMaterializer

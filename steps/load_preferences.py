@@ -5,9 +5,9 @@ from __future__ import annotations
 from typing import Annotated
 
 import pandas as pd
-import alignment.data
 from zenml import ArtifactConfig, log_metadata, step
 
+import alignment.data
 from alignment.config import DataConfig
 from alignment.data import load_preference_frame
 from steps.caching import cache_on

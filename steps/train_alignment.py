@@ -5,14 +5,14 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated
 
+from zenml import ArtifactConfig, step
+from zenml.enums import ArtifactType
+
 import alignment.losses
 import alignment.models
 import alignment.noise
 import alignment.train
 import steps.training
-from zenml import ArtifactConfig, step
-from zenml.enums import ArtifactType
-
 from alignment.config import OutputConfig
 from alignment.encoding import EncodedPairs
 from alignment.models import ModelSpec

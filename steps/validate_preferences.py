@@ -5,10 +5,10 @@ from __future__ import annotations
 from typing import Annotated
 
 import pandas as pd
-import alignment.data
-import alignment.validation
 from zenml import ArtifactConfig, log_metadata, step
 
+import alignment.data
+import alignment.validation
 from alignment.config import DataConfig, ValidationConfig
 from alignment.validation import PreferenceValidationError, validate_preference_rows
 from steps.caching import cache_on

@@ -70,7 +70,9 @@ def test_sdxl_time_ids_values():
         [512.0, 768.0, 0.0, 128.0, 1024.0, 1024.0],
         [1024.0, 1024.0, 16.0, 0.0, 1024.0, 1024.0],
     ]
-    from_tensors = sdxl_time_ids(torch.tensor([[512, 768], [1024, 1024]]), torch.tensor([[0, 128], [16, 0]]), (1024, 1024))
+    from_tensors = sdxl_time_ids(
+        torch.tensor([[512, 768], [1024, 1024]]), torch.tensor([[0, 128], [16, 0]]), (1024, 1024)
+    )
     assert torch.equal(time_ids, from_tensors)
     with pytest.raises(ValueError, match="rows"):
         sdxl_time_ids([(64, 64)], [(0, 0), (0, 0)], (64, 64))

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 
 import pydantic
 import pytest
@@ -271,7 +270,23 @@ def test_check_model_available_catches_an_arch_mismatch(tmp_path):
         check_model_available(ModelSpec(arch="sdxl", pretrained=str(directory)))
 
 
-def test_tiny_pipeline_directory_is_small(tmp_path):
-    directory = save_tiny_pipeline("sdxl", tmp_path / "tiny")
-    size = sum(path.stat().st_size for path in Path(directory).rglob("*") if path.is_file())
-    assert size < 20_000_000
+def test_a_hub_id_in_the_local_cache_loads_without_network(tmp_path, monkeypatch):
+    import huggingface_hub.constants
+
+    # Lay out the cache as huggingface_hub does: refs/main names the snapshot folder.
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    repo_cache = tmp_path / "models--tiny-org--tiny-sd15"
+    (repo_cache / "refs").mkdir(parents=True)
+    (repo_cache / "refs" / "main").write_text(commit)
+    save_tiny_pipeline("sd15", repo_cache / "snapshots" / commit, seed=4)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+
+    spec = ModelSpec(arch="sd15", pretrained="tiny-org/tiny-sd15")
+    check_model_available(spec)
+    components = load_components(spec, dtype=torch.bfloat16)
+    assert components.text_encoder.dtype == torch.bfloat16 and components.vae.dtype == torch.float32
+    reference = build_tiny_components("sd15", seed=4).unet.to(torch.bfloat16)
+    assert _state_dicts_equal(components.unet, reference)
+    with pytest.raises(ModelNotAvailableError, match="revision 'v2'"):
+        check_model_available(ModelSpec(arch="sd15", pretrained="tiny-org/tiny-sd15", revision="v2"))
