@@ -69,3 +69,30 @@ def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(name)
+
+
+class EvalConfig(BaseModel):
+    """Held-out evaluation: which prompts, how many seeds, how to sample, who scores."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    scorer: Literal["toy_oracle", "none"] = Field(
+        "toy_oracle", description="toy_oracle: the toy world's ground truth; none: samples and grid only"
+    )
+    prompt_set: Literal["toyworld_heldout", "list"] = "toyworld_heldout"
+    prompts: list[str] = Field(default_factory=list, description="used when prompt_set is 'list'")
+    seeds_per_prompt: int = Field(8, ge=1)
+    seed_offset: int = Field(10_000, ge=0, description="evaluation seeds never overlap the data's seeds")
+    num_inference_steps: int = Field(25, ge=1)
+    guidance_scale: float = Field(3.0, ge=1.0)
+    batch_size: int = Field(32, ge=1)
+    grid_columns: int = Field(12, ge=1)
+
+    def prompt_list(self) -> list[str]:
+        if self.prompt_set == "list":
+            if not self.prompts:
+                raise ValueError("evaluation.prompt_set is 'list' but evaluation.prompts is empty")
+            return list(self.prompts)
+        from alignment.toyworld.world import split_scenes
+
+        return [scene.prompt for scene in split_scenes()[1]]

@@ -8,16 +8,18 @@ over *prompts* (the seeds of one prompt are not independent evidence).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
+from diffusers import UNet2DConditionModel
 from PIL import Image, ImageDraw
 from tqdm.auto import tqdm
 
-from alignment.models import DiffusionComponents
+from alignment.models import LORA_WEIGHTS_FILE, DiffusionComponents
 
 # reward_fn(images, prompts) -> float tensor [N]; higher is better.
 RewardFn = Callable[[list[Image.Image], list[str]], torch.Tensor]
@@ -35,10 +37,10 @@ class SamplingConfig:
 class EvalReport:
     """Headline numbers of an aligned model against its base on held-out prompts."""
 
-    win_rate_vs_base: float
-    win_rate_ci95: tuple[float, float]
-    oracle_reward_mean: float
-    oracle_reward_base_mean: float
+    win_rate_vs_base: float | None
+    win_rate_ci95: tuple[float, float] | None
+    oracle_reward_mean: float | None
+    oracle_reward_base_mean: float | None
     samples: int
     prompts: int
     seeds_per_prompt: int
@@ -46,8 +48,32 @@ class EvalReport:
 
     def to_dict(self) -> dict:
         out = asdict(self)
-        out["win_rate_ci95"] = list(self.win_rate_ci95)
+        out["win_rate_ci95"] = None if self.win_rate_ci95 is None else list(self.win_rate_ci95)
         return out
+
+
+@contextmanager
+def aligned_weights(pipeline, weights_dir: str | Path | None) -> Iterator[None]:
+    """Temporarily turn a base pipeline into the aligned one (LoRA or full UNet)."""
+    if weights_dir is None:
+        yield
+        return
+    weights_dir = Path(weights_dir)
+    if (weights_dir / LORA_WEIGHTS_FILE).is_file():
+        pipeline.load_lora_weights(str(weights_dir))
+        try:
+            yield
+        finally:
+            pipeline.unload_lora_weights()
+    elif (weights_dir / "unet").is_dir():
+        base_unet = pipeline.unet
+        pipeline.unet = UNet2DConditionModel.from_pretrained(weights_dir / "unet").to(base_unet.device, base_unet.dtype)
+        try:
+            yield
+        finally:
+            pipeline.unet = base_unet
+    else:
+        raise FileNotFoundError(f"{weights_dir} holds neither {LORA_WEIGHTS_FILE} nor a unet/ directory")
 
 
 @torch.no_grad()
@@ -142,16 +168,19 @@ def sample_grid(
 
 def evaluate_against_base(
     components: DiffusionComponents,
-    lora_dir: str | Path | None,
+    weights_dir: str | Path | None,
     prompts: Sequence[str],
     seeds_per_prompt: int,
-    reward_fn: RewardFn,
+    reward_fn: RewardFn | None,
     config: SamplingConfig,
     *,
     seed_offset: int = 0,
     show_progress: bool = True,
 ) -> tuple[EvalReport, list[Image.Image], list[Image.Image]]:
-    """Sample base and aligned (base + LoRA) with the same seeds and score both.
+    """Sample base and aligned with the same seeds and score both.
+
+    ``weights_dir`` holds either a diffusers LoRA (``pytorch_lora_weights.safetensors``)
+    or a fully fine-tuned ``unet/``; ``None`` compares the base with itself.
 
     Returns:
         The report, and the base and aligned images in (prompt, seed) order.
@@ -161,13 +190,13 @@ def evaluate_against_base(
     pipeline = components.to_pipeline()
     pipeline.set_progress_bar_config(disable=True)
     base_images = sample_images(pipeline, flat_prompts, flat_seeds, config, desc="sampling base", show_progress=show_progress)
-    if lora_dir is not None:
-        pipeline.load_lora_weights(str(lora_dir))
-    aligned_images = sample_images(
-        pipeline, flat_prompts, flat_seeds, config, desc="sampling aligned", show_progress=show_progress
-    )
-    if lora_dir is not None:
-        pipeline.unload_lora_weights()
+    with aligned_weights(pipeline, weights_dir):
+        aligned_images = sample_images(
+            pipeline, flat_prompts, flat_seeds, config, desc="sampling aligned", show_progress=show_progress
+        )
+    if reward_fn is None:
+        report = EvalReport(None, None, None, None, len(flat_prompts), len(prompts), seeds_per_prompt)
+        return report, base_images, aligned_images
     base_rewards = reward_fn(base_images, flat_prompts).float().cpu().numpy()
     aligned_rewards = reward_fn(aligned_images, flat_prompts).float().cpu().numpy()
     win_rate, ci = paired_win_rate(aligned_rewards, base_rewards, flat_prompts)

@@ -1,6 +1,7 @@
 """The baseline alignment pipelines: Diffusion-DPO and SFT on SD 1.5 and SDXL.
 
 load_preferences -> validate_preferences -> encode_pairs -> train_alignment[_full]
+    -> evaluate_alignment
 
 Each pipeline registers a ZenML Model of its own name (set in its config), and
 every artifact it produces is linked to that model's new version.
@@ -10,10 +11,17 @@ from __future__ import annotations
 
 from zenml import pipeline
 
-from alignment.config import DataConfig, EncodeConfig, OutputConfig, ValidationConfig
+from alignment.config import DataConfig, EncodeConfig, EvalConfig, OutputConfig, ValidationConfig
 from alignment.models import ModelSpec
 from alignment.train import TrainConfig
-from steps import encode_pairs, load_preferences, train_alignment, train_alignment_full, validate_preferences
+from steps import (
+    encode_pairs,
+    evaluate_alignment,
+    load_preferences,
+    train_alignment,
+    train_alignment_full,
+    validate_preferences,
+)
 
 
 def _check(name: str, arch: str, method: str, model: ModelSpec, training: TrainConfig) -> None:
@@ -30,12 +38,14 @@ def _wire(
     encoding: EncodeConfig,
     training: TrainConfig,
     output: OutputConfig,
+    evaluation: EvalConfig,
 ) -> None:
     rows = load_preferences(data=data)
     pairs, _report = validate_preferences(rows=rows, data=data, validation=validation)
     encoded = encode_pairs(pairs=pairs, model=model, encoding=encoding, data=data)
     train = train_alignment if training.finetune == "lora" else train_alignment_full
-    train(encoded=encoded, model=model, training=training, output=output)
+    weights, _metrics = train(encoded=encoded, model=model, training=training, output=output)
+    evaluate_alignment(weights=weights, model=model, evaluation=evaluation)
 
 
 @pipeline
@@ -46,10 +56,11 @@ def dpo_sdxl(
     validation: ValidationConfig = ValidationConfig(),
     encoding: EncodeConfig = EncodeConfig(),
     output: OutputConfig = OutputConfig(),
+    evaluation: EvalConfig = EvalConfig(),
 ) -> None:
     """Diffusion-DPO on SDXL (two text encoders, micro-conditioning)."""
     _check("dpo_sdxl", "sdxl", "dpo", model, training)
-    _wire(data, validation, model, encoding, training, output)
+    _wire(data, validation, model, encoding, training, output, evaluation)
 
 
 @pipeline
@@ -60,10 +71,11 @@ def dpo_sd15(
     validation: ValidationConfig = ValidationConfig(),
     encoding: EncodeConfig = EncodeConfig(),
     output: OutputConfig = OutputConfig(),
+    evaluation: EvalConfig = EvalConfig(),
 ) -> None:
     """Diffusion-DPO on Stable Diffusion 1.5."""
     _check("dpo_sd15", "sd15", "dpo", model, training)
-    _wire(data, validation, model, encoding, training, output)
+    _wire(data, validation, model, encoding, training, output, evaluation)
 
 
 @pipeline
@@ -74,10 +86,11 @@ def sft_sdxl(
     validation: ValidationConfig = ValidationConfig(),
     encoding: EncodeConfig = EncodeConfig(),
     output: OutputConfig = OutputConfig(),
+    evaluation: EvalConfig = EvalConfig(),
 ) -> None:
     """Supervised fine-tuning of SDXL on the preferred images (baseline)."""
     _check("sft_sdxl", "sdxl", "sft", model, training)
-    _wire(data, validation, model, encoding, training, output)
+    _wire(data, validation, model, encoding, training, output, evaluation)
 
 
 @pipeline
@@ -88,7 +101,8 @@ def sft_sd15(
     validation: ValidationConfig = ValidationConfig(),
     encoding: EncodeConfig = EncodeConfig(),
     output: OutputConfig = OutputConfig(),
+    evaluation: EvalConfig = EvalConfig(),
 ) -> None:
     """Supervised fine-tuning of SD 1.5 on the preferred images (baseline)."""
     _check("sft_sd15", "sd15", "sft", model, training)
-    _wire(data, validation, model, encoding, training, output)
+    _wire(data, validation, model, encoding, training, output, evaluation)

@@ -58,13 +58,17 @@ def test_first_run_executes_every_step_and_links_artifacts_to_the_model(two_runs
 
     first, _ = two_runs
     assert str(first.status.value) == "completed"
-    for step in ("load_preferences", "validate_preferences", "encode_pairs", "train_alignment"):
+    for step in ("load_preferences", "validate_preferences", "encode_pairs", "train_alignment", "evaluate_alignment"):
         assert _status(first, step) == "completed", step
     version = Client().get_model_version("dpo_sdxl", first.model_version.number)
     linked = set(version.data_artifact_ids) | set(version.model_artifact_ids)
     assert version.get_artifact("lora_weights") is not None
     assert version.get_artifact("training_metrics") is not None
     assert linked
+    report = version.get_artifact("eval_report").load()
+    assert report["samples"] == 12 and report["scorer"] == "none"
+    grid = version.get_artifact("sample_grid").load()
+    assert grid.width > grid.height > 0
     metrics = version.get_artifact("training_metrics").load()
     assert metrics["summary"]["final_step"] == 3
     assert metrics["config"]["beta"] == 5000
@@ -75,6 +79,7 @@ def test_changing_beta_reuses_loading_validation_and_encoding(two_runs):
     for step in ("load_preferences", "validate_preferences", "encode_pairs"):
         assert _status(second, step) == "cached", step
     assert _status(second, "train_alignment") == "completed"
+    assert _status(second, "evaluate_alignment") == "completed"
     assert second.model_version.number == first.model_version.number + 1
 
 
