@@ -42,6 +42,12 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProject
 Arch = Literal["sdxl", "sd15"]
 
 TINY = "tiny"
+# "toy": the toy world's trained base model for the arch, committed under data/toyworld/.
+TOY = "toy"
+TOY_MODEL_DIRS = {
+    "sdxl": Path(__file__).resolve().parents[1] / "data" / "toyworld" / "base_sdxl",
+    "sd15": Path(__file__).resolve().parents[1] / "data" / "toyworld" / "base_sd15",
+}
 """The ``pretrained`` value that selects the model built in code."""
 
 LORA_WEIGHTS_FILE = "pytorch_lora_weights.safetensors"
@@ -66,7 +72,8 @@ class ModelSpec(pydantic.BaseModel):
     Attributes:
         arch: Model family: ``"sdxl"`` (two text encoders, micro-conditioning)
             or ``"sd15"``.
-        pretrained: ``"tiny"`` for the tiny model built in code, else a hub id
+        pretrained: ``"tiny"`` for the tiny model built in code, ``"toy"`` for
+            the toy world's trained base model of this arch, else a hub id
             (must already be in the local cache) or a local diffusers directory.
         vae: Optional VAE override (hub id or directory), e.g.
             ``madebyollin/sdxl-vae-fp16-fix``.
@@ -266,6 +273,10 @@ def _vae_subfolder(directory: Path) -> str | None:
     )
 
 
+def _pretrained_source(spec: ModelSpec) -> str:
+    return str(TOY_MODEL_DIRS[spec.arch]) if spec.pretrained == TOY else spec.pretrained
+
+
 def check_model_available(spec: ModelSpec) -> None:
     """Check, fast and without network, that ``spec`` can be loaded.
 
@@ -281,7 +292,7 @@ def check_model_available(spec: ModelSpec) -> None:
             embedded default instead.
     """
     if spec.pretrained != TINY:
-        _check_pipeline_dir(_resolve_model_dir(spec.pretrained, spec.revision, "model"), spec)
+        _check_pipeline_dir(_resolve_model_dir(_pretrained_source(spec), spec.revision, "model"), spec)
     if spec.vae is not None:
         # The revision belongs to the main model; a VAE override is resolved at its default revision.
         _vae_subfolder(_resolve_model_dir(spec.vae, None, "VAE"))
@@ -315,7 +326,7 @@ def load_components(
     if spec.pretrained == TINY:
         components = build_tiny_components(spec.arch, seed=spec.seed)
     else:
-        directory = _resolve_model_dir(spec.pretrained, spec.revision, "model")
+        directory = _resolve_model_dir(_pretrained_source(spec), spec.revision, "model")
         # Everything is read from the resolved directory, so no call below can reach the network.
         common = {"local_files_only": True, "variant": spec.variant}
         unet = UNet2DConditionModel.from_pretrained(directory, subfolder="unet", **common)
