@@ -19,6 +19,7 @@ from diffusers import UNet2DConditionModel
 from PIL import Image, ImageDraw
 from tqdm.auto import tqdm
 
+from alignment.config import EvalConfig
 from alignment.models import LORA_WEIGHTS_FILE, DiffusionComponents
 
 # reward_fn(images, prompts) -> float tensor [N]; higher is better.
@@ -209,4 +210,56 @@ def evaluate_against_base(
         prompts=len(prompts),
         seeds_per_prompt=seeds_per_prompt,
     )
+    return report, base_images, aligned_images
+
+
+def toy_oracle_reward_fn() -> RewardFn:
+    """The toy world's ground-truth reward, at the toy resolution whatever the model draws at."""
+    from alignment.toyworld.oracle import Oracle
+
+    oracle = Oracle.load()
+    return lambda images, prompts: oracle.score(images, prompts).reward
+
+
+def evaluate_with_config(
+    components: DiffusionComponents,
+    weights_dir: str | Path | None,
+    evaluation: EvalConfig,
+    resolution: int,
+    *,
+    show_progress: bool = True,
+) -> tuple[EvalReport, list[Image.Image], list[Image.Image]]:
+    """``evaluate_against_base`` as configured by an ``EvalConfig`` (what the step and benchmarks run).
+
+    With the toy oracle the report also carries the share of samples whose
+    four attributes are all right (``all_correct_rate`` / ``_base``).
+    """
+    prompts = evaluation.prompt_list()
+    sampling = SamplingConfig(
+        num_inference_steps=evaluation.num_inference_steps,
+        guidance_scale=evaluation.guidance_scale,
+        batch_size=evaluation.batch_size,
+        resolution=resolution,
+    )
+    reward_fn = toy_oracle_reward_fn() if evaluation.scorer == "toy_oracle" else None
+    report, base_images, aligned_images = evaluate_against_base(
+        components,
+        weights_dir,
+        prompts,
+        evaluation.seeds_per_prompt,
+        reward_fn,
+        sampling,
+        seed_offset=evaluation.seed_offset,
+        show_progress=show_progress,
+    )
+    if evaluation.scorer == "toy_oracle":
+        from alignment.toyworld.oracle import Oracle
+
+        oracle = Oracle.load()
+        flat_prompts = [p for p in prompts for _ in range(evaluation.seeds_per_prompt)]
+        for suffix, images in (("", aligned_images), ("_base", base_images)):
+            scores = oracle.score(images, flat_prompts)
+            report.extra[f"all_correct_rate{suffix}"] = float(scores.all_correct.float().mean())
+            for attribute, correct in scores.attribute_correct.items():
+                report.extra[f"{attribute}_correct_rate{suffix}"] = float(correct.float().mean())
     return report, base_images, aligned_images

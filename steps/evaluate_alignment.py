@@ -10,25 +10,9 @@ from zenml import ArtifactConfig, log_metadata, step
 
 import alignment.evaluate
 from alignment.config import EvalConfig
-from alignment.evaluate import SamplingConfig, evaluate_against_base, sample_grid
+from alignment.evaluate import evaluate_with_config, sample_grid
 from alignment.models import ModelSpec, load_components
 from steps.caching import cache_on
-
-
-def _reward_fn(evaluation: EvalConfig):
-    if evaluation.scorer == "none":
-        return None
-    from alignment.toyworld.oracle import Oracle
-    from alignment.toyworld.render import IMAGE_SIZE
-
-    oracle = Oracle.load()
-
-    def oracle_reward(images, prompts):
-        # The oracle sees the toy world's resolution, whatever the model draws at.
-        small = [im.convert("RGB").resize((IMAGE_SIZE, IMAGE_SIZE), Image.BILINEAR) for im in images]
-        return oracle.score(small, prompts).reward
-
-    return oracle_reward
 
 
 @step(cache_policy=cache_on(alignment.evaluate))
@@ -52,29 +36,12 @@ def evaluate_alignment(
         ``oracle_reward_base_mean``, ...) and a picture: base row above aligned row.
     """
     components = load_components(model)
-    prompts = evaluation.prompt_list()
-    sampling = SamplingConfig(
-        num_inference_steps=evaluation.num_inference_steps,
-        guidance_scale=evaluation.guidance_scale,
-        batch_size=evaluation.batch_size,
-        resolution=model.resolution,
-    )
-    reward_fn = _reward_fn(evaluation)
-    report, base_images, aligned_images = evaluate_against_base(
-        components,
-        weights,
-        prompts,
-        evaluation.seeds_per_prompt,
-        reward_fn,
-        sampling,
-        seed_offset=evaluation.seed_offset,
-    )
-    # one column per prompt, first seed: the grid shows the same noise twice
+    report, base_images, aligned_images = evaluate_with_config(components, weights, evaluation, model.resolution)
+    # One column per prompt at its first seed: base and aligned start from the same noise.
     first_seed = slice(None, None, evaluation.seeds_per_prompt)
     grid = sample_grid(
-        base_images[first_seed], aligned_images[first_seed], prompts, columns=evaluation.grid_columns
+        base_images[first_seed], aligned_images[first_seed], evaluation.prompt_list(), columns=evaluation.grid_columns
     )
-    summary = report.to_dict()
-    summary["scorer"] = evaluation.scorer
+    summary = {**report.to_dict(), "scorer": evaluation.scorer}
     log_metadata({"evaluation": summary}, infer_model=True)
     return summary, grid

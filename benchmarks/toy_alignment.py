@@ -1,0 +1,130 @@
+"""Alignment quality on the toy world: does each method beat the base model?
+
+Trains each method on the toy preference pairs with the toy profile's
+settings (the same code path as ``python run.py --pipeline <m>_sdxl --profile
+toy``, without ZenML's overhead), then samples the 12 held-out prompts with
+fixed seeds from the base and the aligned model and scores both with the
+oracle. Prints a table and writes it to ``benchmarks/results/``.
+
+    python benchmarks/toy_alignment.py                       # dpo and sft, profile settings
+    python benchmarks/toy_alignment.py --methods dpo --steps 400 --set training.beta=5000
+
+Wall times are for this machine and this run; compare methods within a run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO_ROOT))
+
+import run  # noqa: E402
+from alignment.config import DataConfig, EncodeConfig, EvalConfig  # noqa: E402
+from alignment.data import load_preference_frame, prepare_pairs  # noqa: E402
+from alignment.encoding import encode_pairs  # noqa: E402
+from alignment.evaluate import evaluate_with_config  # noqa: E402
+from alignment.models import ModelSpec, load_components  # noqa: E402
+from alignment.train import TrainConfig, save_trained_weights, train_alignment  # noqa: E402
+
+RESULTS_DIR = REPO_ROOT / "benchmarks" / "results"
+
+
+def profile_parameters(method: str, overrides: list[str]) -> dict:
+    config = run.resolve_config(f"{method}_sdxl", None, "toy", tuple(f"parameters.{o}" for o in overrides))
+    return config["parameters"]
+
+
+def run_method(method: str, params: dict, encoded, steps: int | None, workdir: Path) -> dict:
+    model = ModelSpec(**params["model"])
+    training = TrainConfig(**{**params["training"], **({"max_train_steps": steps} if steps else {})})
+    evaluation = EvalConfig(**params["evaluation"])
+    components = load_components(model)
+    started = time.perf_counter()
+    result = train_alignment(components, encoded, training, checkpoint_dir=workdir / f"{method}-checkpoints")
+    train_seconds = time.perf_counter() - started
+    weights = save_trained_weights(components, training, workdir / f"{method}-weights")
+
+    report, _, _ = evaluate_with_config(load_components(model), weights, evaluation, model.resolution)
+    return {
+        "method": method,
+        "steps": result.final_step,
+        "beta": training.beta if method == "dpo" else None,
+        "learning_rate": training.learning_rate,
+        "pairs_per_step": training.train_batch_size * training.gradient_accumulation_steps,
+        "train_seconds": round(train_seconds, 1),
+        "seconds_per_step": round(train_seconds / max(result.final_step, 1), 3),
+        **report.to_dict(),
+        **report.extra,
+        "final_metrics": {k: v for k, v in result.history[-1].items() if k != "step"},
+    }
+
+
+def format_table(rows: list[dict]) -> str:
+    header = (
+        "| method | steps | β | train wall time | s/step | win rate vs base [95% CI] | "
+        "oracle reward (aligned / base) | fully correct (aligned / base) |\n"
+        "|---|---|---|---|---|---|---|---|\n"
+    )
+    lines = []
+    for r in rows:
+        low, high = r["win_rate_ci95"]
+        lines.append(
+            f"| {r['method']} | {r['steps']} | {r['beta'] if r['beta'] else '–'} | {r['train_seconds']:.0f} s | "
+            f"{r['seconds_per_step']:.2f} | {r['win_rate_vs_base']:.3f} [{low:.3f}, {high:.3f}] | "
+            f"{r['oracle_reward_mean']:.3f} / {r['oracle_reward_base_mean']:.3f} | "
+            f"{r['all_correct_rate']:.1%} / {r['all_correct_rate_base']:.1%} |"
+        )
+    return header + "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--methods", nargs="+", default=["dpo", "sft"], choices=["dpo", "sft"])
+    parser.add_argument("--steps", type=int, default=None, help="override training.max_train_steps")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a profile parameter, e.g. training.beta=5000")
+    parser.add_argument("--name", default="toy_alignment", help="results file stem")
+    args = parser.parse_args()
+    torch.set_num_threads(2)
+
+    params = profile_parameters(args.methods[0], args.overrides)
+    data = DataConfig(**params["data"])
+    frame = load_preference_frame(REPO_ROOT / data.path, split=data.split)
+    pairs, stats = prepare_pairs(frame, drop_ties=True)
+    encoding = EncodeConfig(**params["encoding"])
+    model = ModelSpec(**params["model"])
+    encoded = encode_pairs(pairs, load_components(model), resolution=model.resolution, batch_size=encoding.batch_size)
+
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="toy-benchmark-") as tmp:
+        for method in args.methods:
+            method_params = profile_parameters(method, args.overrides)
+            rows.append(run_method(method, method_params, encoded, args.steps, Path(tmp)))
+            print(format_table(rows[-1:]), flush=True)
+
+    table = format_table(rows)
+    print(table)
+    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
+    payload = {
+        "data": {"path": data.path, **stats},
+        "machine": {"cpus": torch.get_num_threads(), "platform": platform.platform(), "torch": torch.__version__},
+        "results": rows,
+    }
+    (RESULTS_DIR / f"{args.name}.json").write_text(json.dumps(payload, indent=1))
+    (RESULTS_DIR / f"{args.name}.md").write_text(
+        f"# Toy-world alignment benchmark\n\n`python benchmarks/{Path(__file__).name}` "
+        f"({' '.join(sys.argv[1:]) or 'defaults'})\n\n" + table
+    )
+
+
+if __name__ == "__main__":
+    main()
