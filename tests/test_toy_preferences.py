@@ -1,0 +1,43 @@
+"""The committed toy-world preference set: loadable, valid, and free of held-out prompts."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from alignment.config import ValidationConfig
+from alignment.data import load_preference_frame
+from alignment.toyworld.world import parse_prompt, split_scenes
+from alignment.validation import validate_preference_rows
+from tests.conftest import REPO_ROOT
+
+PREFERENCES = REPO_ROOT / "data" / "toyworld" / "preferences"
+pytestmark = pytest.mark.skipif(not PREFERENCES.is_dir(), reason="toy preferences not built (dvc repro toyworld_preferences)")
+OPTIONS = {"drop_ties": True, "require_has_label": False, "require_are_different": False}
+
+
+@pytest.mark.parametrize("split", ["train", "validation"])
+def test_preference_set_passes_the_loader_and_validation(split):
+    rows = load_preference_frame(PREFERENCES, split=split)
+    report = validate_preference_rows(rows, OPTIONS, ValidationConfig())
+    assert report.passed, report.error_message()
+    assert report.stats["pairs_out"] >= 0.8 * len(rows)
+    assert set(rows["model_0"]) == set(rows["model_1"]) and rows["user_id"].nunique() > 5
+
+
+def test_only_train_prompts_are_in_the_preferences():
+    train, heldout = split_scenes()
+    rows = load_preference_frame(PREFERENCES, split="train")
+    scenes = {parse_prompt(caption) for caption in rows["caption"].unique()}
+    assert scenes == set(train)
+    assert not scenes & set(heldout)
+    prompts = json.loads((PREFERENCES / "prompts.json").read_text())
+    assert prompts["heldout"] == [scene.prompt for scene in heldout]
+
+
+def test_annotators_mostly_prefer_the_better_image():
+    summary = json.loads((PREFERENCES / "summary.json").read_text())
+    train = summary["splits"]["train"]
+    assert train["label_agrees_with_oracle_reward"] > 0.6
+    assert train["winner_correct_rate"] > train["loser_correct_rate"]
