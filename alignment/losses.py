@@ -150,3 +150,49 @@ def sft_loss(policy_err: torch.Tensor) -> LossOutput:
     loss = errors.mean()
     value = float(loss.detach().item())
     return LossOutput(loss=loss, metrics={"loss/sft": value, "mse/policy_w": value})
+
+
+def smpo_loss(
+    policy_err_w: torch.Tensor,
+    policy_err_l: torch.Tensor,
+    ref_err_w: torch.Tensor,
+    ref_err_l: torch.Tensor,
+    beta: float,
+    pair_scale: torch.Tensor,
+) -> LossOutput:
+    """SmPO-Diffusion's smoothed preference loss (Lu et al. 2025, algorithms.md §3.1).
+
+    Diffusion-DPO with beta scaled per pair by ``pair_scale = gamma*(2p - 1)``,
+    where ``p = P(w > l)`` is the reward model's soft label: a confidently
+    ranked pair (p near 1) pulls with up to ``gamma`` times beta, a near tie
+    (p = 1/2) contributes a constant ``log 2`` and no gradient. With
+    ``pair_scale`` all 1 this is exactly :func:`dpo_loss`.
+
+    Args:
+        policy_err_w: per-pair denoising error of the policy on the winner, [B].
+        policy_err_l: same on the loser, [B].
+        ref_err_w: per-pair error of the frozen reference on the winner, [B].
+        ref_err_l: same on the loser, [B].
+        beta: KL strength in the official convention (the logit uses 0.5*beta).
+        pair_scale: ``gamma*(2p - 1)`` per pair, [B]. It is a label, so no
+            gradient flows into it.
+
+    Returns:
+        The mean over pairs of ``-log sigmoid(logit)`` and the metrics
+        ``loss/smpo``, ``smpo/implicit_acc`` (fraction of pairs whose scaled
+        logit is positive, as in the reference code: a pair with scale 0
+        never counts), ``smpo/margin`` (mean scaled logit),
+        ``smpo/pair_scale_mean`` and the ``mse/*`` errors.
+    """
+    scale = pair_scale.detach()
+    logits = preference_logits(policy_err_w, policy_err_l, ref_err_w, ref_err_l, beta, pair_scale=scale)
+    # softplus(-x) == -log(sigmoid(x)), without the underflow of log(sigmoid()).
+    loss = F.softplus(-logits).mean()
+    metrics = {
+        "loss/smpo": float(loss.detach().item()),
+        "smpo/implicit_acc": _mean((logits > 0).float()),
+        "smpo/margin": _mean(logits),
+        "smpo/pair_scale_mean": _mean(scale.float()),
+        **error_metrics(policy_err_w, policy_err_l, ref_err_w, ref_err_l),
+    }
+    return LossOutput(loss=loss, metrics=metrics)
