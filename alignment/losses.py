@@ -196,3 +196,17 @@ def smpo_loss(
         **error_metrics(policy_err_w, policy_err_l, ref_err_w, ref_err_l),
     }
     return LossOutput(loss=loss, metrics=metrics)
+
+
+def smpo_pair_scale(soft_label: torch.Tensor, gamma: float = 10.0) -> torch.Tensor:
+    """SmPO's per-pair beta factor ``gamma * (2p - 1)`` (algorithms.md §3.1).
+
+    ``p`` is the smoothed probability that the trained winner beats the loser:
+    p = 1 with gamma = 1 is plain DPO, p = 1/2 switches the pair off, and
+    p < 1/2 pushes towards the other image.
+    """
+    if gamma <= 0:
+        raise ValueError(f"gamma must be positive, got {gamma}")
+    if ((soft_label < 0) | (soft_label > 1)).any():
+        raise ValueError("soft labels must be probabilities in [0, 1]")
+    return gamma * (2.0 * soft_label.float() - 1.0)

@@ -43,7 +43,7 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from alignment.encoding import EncodedPairs
-from alignment.losses import LossOutput, dpo_loss, sft_loss
+from alignment.losses import LossOutput, dpo_loss, sft_loss, smpo_loss, smpo_pair_scale
 from alignment.models import DiffusionComponents, LoraSpec, adapters_disabled, add_lora, move_module
 from alignment.noise import noisy_latents_and_target, per_sample_mse
 
@@ -51,13 +51,41 @@ CHECKPOINT_PREFIX = "checkpoint-"
 _TMP_PREFIX = ".tmp-"
 
 
+class InversionSettings(BaseModel):
+    """How SmPO estimates x_t: by inverting each image along the DDIM trajectory."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    mode: Literal["online", "cached"] = Field(
+        "online", description="online: invert with the current policy every step (the paper); cached: once, with the reference"
+    )
+    grid_steps: int = Field(10, ge=1, description="inversion grid: 10 for SDXL, 5 for SD 1.5 in the SmPO scripts")
+    renoise_iterations: int = Field(1, ge=0, description="0 = plain DDIM inversion (DDIM-InPO)")
+    eta: float = Field(0.0, ge=0, description="DDIM-InPO's stochastic term after each step")
+    min_steps: int = Field(1, ge=0)
+
+    def to_config(self):
+        from alignment.inversion import InversionConfig
+
+        return InversionConfig(
+            grid_steps=self.grid_steps,
+            renoise_iterations=self.renoise_iterations,
+            eta=self.eta,
+            min_steps=self.min_steps,
+        )
+
+
 class TrainConfig(BaseModel):
     """Hyper-parameters of one alignment run (defaults: the diffusers SDXL LoRA recipe)."""
 
     model_config = ConfigDict(extra="forbid")
 
-    method: Literal["dpo", "sft"] = "dpo"
+    method: Literal["dpo", "sft", "smpo"] = "dpo"
     beta: float = Field(5000.0, gt=0, description="DPO beta, official convention (logit uses 0.5*beta)")
+    smpo_gamma: float = Field(10.0, gt=0, description="SmPO: per-pair beta factor gamma*(2p-1)")
+    inversion: InversionSettings | None = Field(
+        None, description="estimate x_t by inversion (SmPO) instead of forward noising (DPO)"
+    )
     finetune: Literal["lora", "full"] = "lora"
     lora: LoraSpec = Field(default_factory=LoraSpec)
     learning_rate: float = Field(1e-5, gt=0)
@@ -87,7 +115,7 @@ class TrainConfig(BaseModel):
 
     @property
     def uses_reference(self) -> bool:
-        return self.method == "dpo"
+        return self.method in ("dpo", "smpo")
 
 
 @dataclass
@@ -155,6 +183,32 @@ def global_batch_indices(num_pairs: int, global_batch: int, micro_index: int, se
 
 
 @dataclass
+class PairLabels:
+    """Per-pair soft labels (SmPO) aligned with an ``EncodedPairs`` cache.
+
+    ``soft_label[i]`` is P(winner beats loser) under the smoothing reward model;
+    ``swap[i]`` says the reward model ordered the pair against the human label
+    and training should treat image l as the winner (the paper's ordering).
+    ``soft_label`` always refers to the pair *as trained*, after the swap.
+    """
+
+    soft_label: torch.Tensor  # [N] float32 in [0, 1]
+    swap: torch.Tensor  # [N] bool
+
+    @classmethod
+    def from_dict(cls, labels: dict, encoded: EncodedPairs) -> PairLabels:
+        index = {pair_id: i for i, pair_id in enumerate(labels["pair_ids"])}
+        missing = [p for p in encoded.pair_ids if p not in index]
+        if missing:
+            raise ValueError(f"soft labels are missing {len(missing)} encoded pairs, e.g. {missing[:3]}")
+        order = [index[p] for p in encoded.pair_ids]
+        return cls(
+            soft_label=torch.tensor([labels["soft_label"][i] for i in order], dtype=torch.float32),
+            swap=torch.tensor([bool(labels["swap"][i]) for i in order]),
+        )
+
+
+@dataclass
 class PairBatch:
     latents_w: torch.Tensor
     latents_l: torch.Tensor
@@ -162,6 +216,10 @@ class PairBatch:
     pooled_prompt_embeds: torch.Tensor | None
     time_ids_w: torch.Tensor | None
     time_ids_l: torch.Tensor | None
+    soft_label: torch.Tensor | None = None
+    # (x_t, target, timesteps) of winners and losers from an inversion cache
+    cached_w: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+    cached_l: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
 
 
 def gather_batch(
@@ -170,8 +228,13 @@ def gather_batch(
     drop_caption: torch.Tensor,
     device: torch.device,
     dtype: torch.dtype,
+    labels: PairLabels | None = None,
+    inversion_cache=None,
 ) -> PairBatch:
-    """Select pairs and apply caption dropout by swapping in the empty-prompt encoding."""
+    """Select pairs, apply caption dropout (the empty-prompt encoding) and label swaps.
+
+    ``inversion_cache`` rows are the N winners then the N losers of ``encoded``.
+    """
     index = torch.tensor(indices, dtype=torch.int64)
     prompt_rows = encoded.prompt_index[index]
     embeds = encoded.prompt_embeds[prompt_rows].clone()
@@ -186,7 +249,7 @@ def gather_batch(
             return None
         return x.to(device=device, dtype=dtype if cast else x.dtype)
 
-    return PairBatch(
+    batch = PairBatch(
         latents_w=put(encoded.latents_w[index]),
         latents_l=put(encoded.latents_l[index]),
         prompt_embeds=put(embeds),
@@ -194,6 +257,42 @@ def gather_batch(
         time_ids_w=put(encoded.time_ids_w[index] if encoded.time_ids_w is not None else None),
         time_ids_l=put(encoded.time_ids_l[index] if encoded.time_ids_l is not None else None),
     )
+    if inversion_cache is not None:
+        n = len(encoded)
+
+        def rows(at: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+            return (
+                put(inversion_cache.x_t[at]),
+                inversion_cache.target[at].to(device=device, dtype=torch.float32),
+                inversion_cache.timesteps[at].to(device),
+            )
+
+        batch.cached_w, batch.cached_l = rows(index), rows(index + n)
+    if labels is not None:
+        batch.soft_label = labels.soft_label[index].to(device)
+        swap = labels.swap[index].to(device)
+        batch = _swap_pairs(batch, swap)
+    return batch
+
+
+def _swap_pairs(batch: PairBatch, swap: torch.Tensor) -> PairBatch:
+    """Exchange winner and loser where ``swap`` is set (reward-model ordering)."""
+    if not bool(swap.any()):
+        return batch
+
+    def exchange(winner, loser):
+        if winner is None:
+            return winner, loser
+        if isinstance(winner, tuple):
+            pairs = [exchange(a, b) for a, b in zip(winner, loser, strict=True)]
+            return tuple(p[0] for p in pairs), tuple(p[1] for p in pairs)
+        mask = swap.view(-1, *([1] * (winner.ndim - 1)))
+        return torch.where(mask, loser, winner), torch.where(mask, winner, loser)
+
+    batch.latents_w, batch.latents_l = exchange(batch.latents_w, batch.latents_l)
+    batch.time_ids_w, batch.time_ids_l = exchange(batch.time_ids_w, batch.time_ids_l)
+    batch.cached_w, batch.cached_l = exchange(batch.cached_w, batch.cached_l)
+    return batch
 
 
 def _unet_predict(
@@ -261,7 +360,20 @@ class PreferenceTrainer:
         show_progress: bool = True,
         log_fn: Callable[[dict[str, float], int], None] | None = None,
         on_step_end: Callable[[int], None] | None = None,
+        labels: PairLabels | None = None,
+        inversion_cache=None,
     ) -> None:
+        if config.method == "smpo" and labels is None:
+            raise ValueError("method 'smpo' needs soft labels (PairLabels) from the smoothing step")
+        if config.inversion is not None and config.inversion.mode == "cached":
+            if inversion_cache is None:
+                raise ValueError("inversion.mode 'cached' needs the inversion cache of the reference model")
+            if len(inversion_cache) != 2 * len(encoded):
+                raise ValueError(
+                    f"the inversion cache has {len(inversion_cache)} rows; expected 2 x {len(encoded)} (winners, losers)"
+                )
+        self.labels = labels
+        self.inversion_cache = inversion_cache if config.inversion is not None and config.inversion.mode == "cached" else None
         if components.arch != encoded.arch:
             raise ValueError(
                 f"the encoded pairs were made for {encoded.arch!r} but the model is {components.arch!r}"
@@ -424,7 +536,9 @@ class PreferenceTrainer:
         indices = global_batch_indices(len(self.encoded), global_batch, micro_index, config.seed)
         drop = torch.rand(global_batch, generator=_generator(config.seed, micro_index, 1)) < config.caption_dropout
         mine = slice(accelerator.process_index * config.train_batch_size, (accelerator.process_index + 1) * config.train_batch_size)
-        return gather_batch(self.encoded, indices[mine], drop[mine], accelerator.device, self.weight_dtype)
+        return gather_batch(
+            self.encoded, indices[mine], drop[mine], accelerator.device, self.weight_dtype, self.labels, self.inversion_cache
+        )
 
     def _shared_noise(self, micro_index: int, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Noise and timesteps for this process's share of the global micro-batch."""
@@ -441,9 +555,46 @@ class PreferenceTrainer:
         device = accelerator.device
         return noise[mine].to(device=device, dtype=like.dtype), timesteps[mine].to(device)
 
-    def _loss(self, batch: PairBatch, micro_index: int) -> LossOutput:
+    def _noisy_pairs(
+        self, batch: PairBatch, micro_index: int, conditioning: tuple
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(x_t, target, timesteps)`` for [winners; losers]: forward noise, or inversion (SmPO)."""
+        if batch.cached_w is not None:
+            x_w, target_w, t_w = batch.cached_w
+            x_l, target_l, t_l = batch.cached_l
+            return torch.cat([x_w, x_l]), torch.cat([target_w, target_l]), torch.cat([t_w, t_l])
         noise, timesteps = self._shared_noise(micro_index, batch.latents_w)
+        latents = torch.cat([batch.latents_w, batch.latents_l])
+        timesteps2 = torch.cat([timesteps, timesteps])
+        if self.config.inversion is None:
+            # Shared t and noise within a pair: the official variance reduction.
+            noisy, target = noisy_latents_and_target(self.noise_scheduler, latents, torch.cat([noise, noise]), timesteps2)
+            return noisy, target, timesteps2
+        from alignment.inversion import invert
+
+        # Online inversion with the current policy (no grad, CFG 1, the step's possibly dropped caption).
+        policy = _unwrap(self.unet)
+        embeds, pooled, time_ids = conditioning
+
+        def policy_eps(z: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+            with self.accelerator.autocast():
+                return _unet_predict(policy, z.to(latents.dtype), t, embeds, pooled, time_ids)
+
+        generator = _generator(self.config.seed, micro_index, 4)
+        with torch.no_grad():
+            x_t, target = invert(
+                policy_eps,
+                latents,
+                timesteps2,
+                self.noise_scheduler.config,
+                self.config.inversion.to_config(),
+                generator=generator,
+            )
+        return x_t, target, timesteps2
+
+    def _loss(self, batch: PairBatch, micro_index: int) -> LossOutput:
         if self.config.method == "sft":
+            noise, timesteps = self._shared_noise(micro_index, batch.latents_w)
             noisy, target = noisy_latents_and_target(self.noise_scheduler, batch.latents_w, noise, timesteps)
             with self.accelerator.autocast():
                 pred = _unet_predict(
@@ -451,21 +602,23 @@ class PreferenceTrainer:
                 )
             return sft_loss(per_sample_mse(pred, target))
 
-        # Winner and loser in one forward: [w_1..w_B, l_1..l_B], same t and noise per pair.
-        latents = torch.cat([batch.latents_w, batch.latents_l])
-        noise2, timesteps2 = torch.cat([noise, noise]), torch.cat([timesteps, timesteps])
-        noisy, target = noisy_latents_and_target(self.noise_scheduler, latents, noise2, timesteps2)
+        # Winner and loser in one forward: [w_1..w_B, l_1..l_B], same t per pair.
         embeds = torch.cat([batch.prompt_embeds, batch.prompt_embeds])
         pooled = time_ids = None
         if batch.pooled_prompt_embeds is not None:
             pooled = torch.cat([batch.pooled_prompt_embeds, batch.pooled_prompt_embeds])
             time_ids = torch.cat([batch.time_ids_w, batch.time_ids_l])
+        noisy, target, timesteps2 = self._noisy_pairs(batch, micro_index, (embeds, pooled, time_ids))
+        noisy = noisy.to(batch.latents_w.dtype)
         with self.accelerator.autocast():
             policy_pred = _unet_predict(self.unet, noisy, timesteps2, embeds, pooled, time_ids)
         policy_err_w, policy_err_l = per_sample_mse(policy_pred, target).chunk(2)
         with self._reference() as reference, self.accelerator.autocast():
             ref_pred = _unet_predict(reference, noisy, timesteps2, embeds, pooled, time_ids)
         ref_err_w, ref_err_l = per_sample_mse(ref_pred, target).chunk(2)
+        if self.config.method == "smpo":
+            pair_scale = smpo_pair_scale(batch.soft_label, self.config.smpo_gamma)
+            return smpo_loss(policy_err_w, policy_err_l, ref_err_w, ref_err_l, self.config.beta, pair_scale)
         return dpo_loss(policy_err_w, policy_err_l, ref_err_w, ref_err_l, beta=self.config.beta)
 
     def _optimizer_step(self) -> dict[str, float]:
@@ -496,7 +649,7 @@ class PreferenceTrainer:
     def train(self) -> TrainResult:
         config, accelerator = self.config, self.accelerator
         started = time.perf_counter()
-        loss_key = "loss/dpo" if config.method == "dpo" else "loss/sft"
+        loss_key = f"loss/{config.method}"
         with tqdm(
             total=config.max_train_steps,
             initial=self.step,
@@ -515,8 +668,9 @@ class PreferenceTrainer:
                 if self.log_fn is not None and accelerator.is_main_process:
                     self.log_fn(metrics, self.step)
                 postfix = {"loss": f"{metrics[loss_key]:.4f}"}
-                if "dpo/implicit_acc" in metrics:
-                    postfix["acc"] = f"{metrics['dpo/implicit_acc']:.2f}"
+                accuracy = metrics.get(f"{config.method}/implicit_acc")
+                if accuracy is not None:
+                    postfix["acc"] = f"{accuracy:.2f}"
                 bar.set_postfix(postfix)
                 bar.update(1)
                 if self.step % config.checkpointing_steps == 0 or self.step == config.max_train_steps:
@@ -547,6 +701,8 @@ def train_alignment(
     show_progress: bool = True,
     log_fn: Callable[[dict[str, float], int], None] | None = None,
     on_step_end: Callable[[int], None] | None = None,
+    labels: PairLabels | None = None,
+    inversion_cache=None,
 ) -> TrainResult:
     """Set up and run a ``PreferenceTrainer``; ``components.unet`` is trained in place."""
     trainer = PreferenceTrainer(
@@ -558,6 +714,8 @@ def train_alignment(
         show_progress=show_progress,
         log_fn=log_fn,
         on_step_end=on_step_end,
+        labels=labels,
+        inversion_cache=inversion_cache,
     )
     trainer.setup()
     result = trainer.train()

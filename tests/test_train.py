@@ -181,3 +181,71 @@ def test_encoded_pairs_round_trip(tmp_path, sdxl_pairs):
     assert loaded.pair_ids == sdxl_pairs.pair_ids and loaded.is_sdxl
     for name, tensor in sdxl_pairs.tensors().items():
         assert torch.equal(loaded.tensors()[name], tensor), name
+
+
+def soft_labels(pairs: EncodedPairs, p: float, swap_every: int = 0):
+    from alignment.train import PairLabels
+
+    n = len(pairs)
+    swap = [swap_every > 0 and i % swap_every == 0 for i in range(n)]
+    return PairLabels.from_dict({"pair_ids": pairs.pair_ids, "soft_label": [p] * n, "swap": swap}, pairs)
+
+
+def test_smpo_with_certain_labels_and_gamma_one_is_dpo(tmp_path, sdxl_pairs):
+    dpo = train_alignment(build_tiny_components("sdxl"), sdxl_pairs, tiny_config(max_train_steps=2), checkpoint_dir=tmp_path / "dpo", show_progress=False)
+    smpo = train_alignment(
+        build_tiny_components("sdxl"),
+        sdxl_pairs,
+        tiny_config(method="smpo", smpo_gamma=1.0, max_train_steps=2),
+        checkpoint_dir=tmp_path / "smpo",
+        labels=soft_labels(sdxl_pairs, 1.0),
+        show_progress=False,
+    )
+    for a, b in zip(dpo.history, smpo.history, strict=True):
+        assert b["loss/smpo"] == pytest.approx(a["loss/dpo"], rel=1e-5, abs=1e-7)
+
+
+def test_smpo_at_p_one_half_does_not_move_the_lora(tmp_path, sdxl_pairs):
+    components = build_tiny_components("sdxl")
+    config = tiny_config(method="smpo", max_train_steps=2, weight_decay=0.0)
+    train_alignment(components, sdxl_pairs, config, checkpoint_dir=tmp_path, labels=soft_labels(sdxl_pairs, 0.5), show_progress=False)
+    ups = [v for k, v in lora_state_dict(components.unet).items() if k.endswith("lora.up.weight")]
+    assert all(torch.count_nonzero(v) == 0 for v in ups)
+
+
+@pytest.mark.parametrize("mode", ["online", "cached"])
+def test_smpo_trains_with_renoise_inversion(tmp_path, sdxl_pairs, mode):
+    from alignment.inversion import InversionCache
+    from alignment.train import InversionSettings
+
+    config = tiny_config(method="smpo", max_train_steps=2, inversion=InversionSettings(mode=mode, grid_steps=4))
+    cache = None
+    if mode == "cached":
+        n = len(sdxl_pairs)
+        x0 = torch.cat([sdxl_pairs.latents_w, sdxl_pairs.latents_l])
+        cache = InversionCache(x_t=x0 * 0.5, timesteps=torch.full((2 * n,), 500), target=torch.randn_like(x0))
+    result = train_alignment(
+        build_tiny_components("sdxl"),
+        sdxl_pairs,
+        config,
+        checkpoint_dir=tmp_path,
+        labels=soft_labels(sdxl_pairs, 0.8, swap_every=3),
+        inversion_cache=cache,
+        show_progress=False,
+    )
+    assert result.final_step == 2
+    assert result.history[-1]["smpo/pair_scale_mean"] == pytest.approx(6.0)
+    assert math.isfinite(result.history[-1]["loss/smpo"])
+
+
+def test_label_swap_exchanges_winner_and_loser(sdxl_pairs):
+    labels = soft_labels(sdxl_pairs, 0.7, swap_every=2)  # swaps pairs 0, 2, 4
+    batch = gather_batch(sdxl_pairs, [0, 1], torch.tensor([False, False]), torch.device("cpu"), torch.float32, labels)
+    assert torch.equal(batch.latents_w[0], sdxl_pairs.latents_l[0])
+    assert torch.equal(batch.latents_w[1], sdxl_pairs.latents_w[1])
+    assert batch.soft_label.tolist() == pytest.approx([0.7, 0.7])
+
+
+def test_smpo_without_labels_is_refused(tmp_path, sdxl_pairs):
+    with pytest.raises(ValueError, match="soft labels"):
+        PreferenceTrainer(build_tiny_components("sdxl"), sdxl_pairs, tiny_config(method="smpo"), checkpoint_dir=tmp_path)
