@@ -23,7 +23,7 @@ import click
 import yaml
 
 REPO_ROOT = Path(__file__).resolve().parent
-PIPELINE_NAMES = ("dpo_sdxl", "dpo_sd15", "sft_sdxl", "sft_sd15")
+PIPELINE_NAMES = ("smpo_sdxl", "smpo_sd15", "dpo_sdxl", "dpo_sd15", "sft_sdxl", "sft_sd15")
 # Local-first defaults: no telemetry, W&B offline unless the user says otherwise.
 os.environ.setdefault("ZENML_ANALYTICS_OPT_IN", "false")
 os.environ.setdefault("WANDB_MODE", "offline")
@@ -67,7 +67,12 @@ def resolve_config(
         if not overlay_path.is_file():
             known = sorted(p.stem for p in (REPO_ROOT / "configs" / "profiles").glob("*.yaml"))
             raise click.ClickException(f"unknown profile {profile!r}; available: {', '.join(known)}")
-        config = deep_merge(config, yaml.safe_load(overlay_path.read_text()) or {})
+        overlay = yaml.safe_load(overlay_path.read_text()) or {}
+        # A profile applies to every pipeline; its `methods:` section only to
+        # pipelines of that method (e.g. the reward model only matters to SmPO).
+        per_method = overlay.pop("methods", {}) or {}
+        config = deep_merge(config, overlay)
+        config = deep_merge(config, per_method.get(pipeline_name.split("_")[0], {}) or {})
     for assignment in overrides:
         apply_override(config, assignment)
     return config

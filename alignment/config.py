@@ -96,3 +96,15 @@ class EvalConfig(BaseModel):
         from alignment.toyworld.world import split_scenes
 
         return [scene.prompt for scene in split_scenes()[1]]
+
+
+class RewardConfig(BaseModel):
+    """Which reward model scores the pairs (SmPO's smoothing)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    scorer: str = Field("toy_reward", description="pickscore, hpsv21, imagereward, laion_aesthetic, clip_score, toy_reward")
+    source: str | None = Field(None, description="hub id (cached) or local path; None = the published default")
+    options: dict = Field(default_factory=dict, description="scorer-specific options, e.g. {raw_cosine: true}")
+    batch_size: int = Field(32, ge=1)
+    device: str = "auto"

@@ -727,7 +727,7 @@ def train_alignment(
 # the whole job, as the ZenML step runs it
 
 
-def run_fingerprint(encoded: EncodedPairs, model_spec: BaseModel, config: TrainConfig) -> str:
+def run_fingerprint(encoded: EncodedPairs, model_spec: BaseModel, config: TrainConfig, extra: dict | None = None) -> str:
     """Identity of a training run: same data, model and hyper-parameters -> same id.
 
     Checkpoints live under this id, so a killed run resumes from its own
@@ -741,6 +741,7 @@ def run_fingerprint(encoded: EncodedPairs, model_spec: BaseModel, config: TrainC
         "data": encoded.summary(),
         "data_metadata": encoded.metadata,
         "pairs": hashlib.sha256("\n".join(encoded.pair_ids).encode()).hexdigest(),
+        "extra": extra or {},
     }
     return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -755,3 +756,63 @@ def save_trained_weights(components: DiffusionComponents, config: TrainConfig, d
         return save_lora_weights(components.unet, directory, components.arch)
     components.unet.save_pretrained(directory / "unet", safe_serialization=True)
     return directory
+
+
+def build_inversion_cache(
+    components: DiffusionComponents,
+    encoded: EncodedPairs,
+    config: TrainConfig,
+    *,
+    batch_size: int = 16,
+    show_progress: bool = True,
+):
+    """Cached-mode SmPO: invert every winner and loser once with the reference model.
+
+    Rows are the N winners then the N losers. Each pair gets one timestep
+    (drawn from ``config.seed``), shared by its two images, and the
+    inversion is conditioned on the pair's real caption (no dropout).
+    """
+    from alignment.inversion import invert_dataset
+
+    if config.inversion is None:
+        raise ValueError("training.inversion is not set: there is nothing to cache")
+    unet = components.unet
+    unet.eval()
+    device = next(unet.parameters()).device
+    dtype = next(unet.parameters()).dtype
+    n = len(encoded)
+    generator = torch.Generator().manual_seed(_derived_seed(config.seed, 0, stream=5))
+    pair_t = torch.randint(0, components.noise_scheduler.config.num_train_timesteps, (n,), generator=generator)
+    latents = torch.cat([encoded.latents_w, encoded.latents_l]).to(device=device, dtype=dtype)
+    pair_of_row = torch.cat([torch.arange(n), torch.arange(n)])
+    time_ids = None
+    if encoded.time_ids_w is not None:
+        time_ids = torch.cat([encoded.time_ids_w, encoded.time_ids_l])
+
+    def conditioned_on(rows: torch.Tensor):
+        prompt_rows = encoded.prompt_index[pair_of_row[rows]]
+        embeds = encoded.prompt_embeds[prompt_rows].to(device=device, dtype=dtype)
+        pooled = None
+        if encoded.pooled_prompt_embeds is not None:
+            pooled = encoded.pooled_prompt_embeds[prompt_rows].to(device=device, dtype=dtype)
+        row_time_ids = None if time_ids is None else time_ids[rows].to(device=device, dtype=dtype)
+
+        def reference_eps(z: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+            return _unet_predict(unet, z.to(dtype), t, embeds, pooled, row_time_ids)
+
+        return reference_eps
+
+    with torch.no_grad():
+        cache = invert_dataset(
+            conditioned_on,
+            latents,
+            torch.cat([pair_t, pair_t]),
+            components.noise_scheduler.config,
+            config.inversion.to_config(),
+            batch_size,
+            generator=torch.Generator().manual_seed(_derived_seed(config.seed, 0, stream=6)),
+            show_progress=show_progress,
+        )
+    cache.metadata["pairs"] = n
+    cache.metadata["seed"] = config.seed
+    return cache

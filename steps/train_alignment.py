@@ -15,6 +15,7 @@ import alignment.train
 import steps.training
 from alignment.config import OutputConfig
 from alignment.encoding import EncodedPairs
+from alignment.inversion import InversionCache
 from alignment.models import ModelSpec
 from alignment.train import TrainConfig
 from steps.caching import cache_on
@@ -27,6 +28,8 @@ def train_alignment(
     model: ModelSpec,
     training: TrainConfig,
     output: OutputConfig,
+    soft_labels: dict | None = None,
+    inversion_cache: InversionCache | None = None,
 ) -> tuple[
     Annotated[Path, ArtifactConfig(name="lora_weights", artifact_type=ArtifactType.MODEL)],
     Annotated[dict, ArtifactConfig(name="training_metrics")],
@@ -41,6 +44,8 @@ def train_alignment(
         model: the base model (the same one that encoded the pairs).
         training: method, beta, LoRA rank, optimizer, schedule, steps.
         output: where checkpoints live.
+        soft_labels: SmPO's per-pair soft labels and swaps (``smooth_preferences``).
+        inversion_cache: SmPO's cached inversions (``invert_pairs``), cached mode only.
 
     Returns:
         A directory with ``pytorch_lora_weights.safetensors`` (load it with
@@ -49,5 +54,5 @@ def train_alignment(
     if training.finetune != "lora":
         raise ValueError("train_alignment trains LoRA adapters; set training.finetune: lora or use train_alignment_full")
     # Returned as a tuple literal: ZenML reads the return statement to see two outputs.
-    weights_dir, metrics = run_training(encoded, model, training, output)
+    weights_dir, metrics = run_training(encoded, model, training, output, soft_labels, inversion_cache)
     return weights_dir, metrics

@@ -15,6 +15,7 @@ import alignment.train
 import steps.training
 from alignment.config import OutputConfig
 from alignment.encoding import EncodedPairs
+from alignment.inversion import InversionCache
 from alignment.models import ModelSpec
 from alignment.train import TrainConfig
 from steps.caching import cache_on
@@ -27,6 +28,8 @@ def train_alignment_full(
     model: ModelSpec,
     training: TrainConfig,
     output: OutputConfig,
+    soft_labels: dict | None = None,
+    inversion_cache: InversionCache | None = None,
 ) -> tuple[
     Annotated[Path, ArtifactConfig(name="unet_weights", artifact_type=ArtifactType.MODEL)],
     Annotated[dict, ArtifactConfig(name="training_metrics")],
@@ -40,5 +43,5 @@ def train_alignment_full(
     if training.finetune != "full":
         raise ValueError("train_alignment_full needs training.finetune: full")
     # Returned as a tuple literal: ZenML reads the return statement to see two outputs.
-    weights_dir, metrics = run_training(encoded, model, training, output)
+    weights_dir, metrics = run_training(encoded, model, training, output, soft_labels, inversion_cache)
     return weights_dir, metrics

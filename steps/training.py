@@ -14,8 +14,9 @@ from zenml import log_metadata
 
 from alignment.config import OutputConfig
 from alignment.encoding import EncodedPairs
+from alignment.inversion import InversionCache
 from alignment.models import ModelSpec, load_components
-from alignment.train import TrainConfig, run_fingerprint, save_trained_weights, train_alignment
+from alignment.train import PairLabels, TrainConfig, run_fingerprint, save_trained_weights, train_alignment
 from steps.paths import repo_path
 
 
@@ -32,10 +33,17 @@ def run_training(
     model: ModelSpec,
     training: TrainConfig,
     output: OutputConfig,
+    soft_labels: dict | None = None,
+    inversion_cache: InversionCache | None = None,
 ) -> tuple[Path, dict]:
     """Train, save the weights to a fresh directory, and return it with the metrics."""
     components = load_components(model)
-    fingerprint = run_fingerprint(encoded, model, training)
+    labels = PairLabels.from_dict(soft_labels, encoded) if soft_labels is not None else None
+    extra_identity = {"soft_labels": soft_labels is not None, "inversion_cache": inversion_cache is not None}
+    if soft_labels is not None:
+        extra_identity["soft_label_sum"] = round(float(labels.soft_label.sum()), 6)
+        extra_identity["swaps"] = int(labels.swap.sum())
+    fingerprint = run_fingerprint(encoded, model, training, extra=extra_identity)
     checkpoint_dir = repo_path(output.checkpoint_root) / fingerprint
     result = train_alignment(
         components,
@@ -44,6 +52,8 @@ def run_training(
         checkpoint_dir=checkpoint_dir,
         fingerprint=fingerprint,
         log_fn=_wandb_logger(),
+        labels=labels,
+        inversion_cache=inversion_cache,
     )
     weights_dir = Path(tempfile.mkdtemp(prefix=f"{training.method}_{model.arch}_weights_"))
     save_trained_weights(components, training, weights_dir)

@@ -8,8 +8,9 @@ import pytest
 import yaml
 
 import run
-from alignment.config import DataConfig, EncodeConfig, EvalConfig, OutputConfig, ValidationConfig
+from alignment.config import DataConfig, EncodeConfig, EvalConfig, OutputConfig, RewardConfig, ValidationConfig
 from alignment.models import ModelSpec
+from alignment.smoothing import SmoothingConfig
 from alignment.train import TrainConfig
 
 CONFIGS = sorted((run.REPO_ROOT / "configs").glob("*.yaml"))
@@ -22,6 +23,8 @@ PARAMETER_MODELS = {
     "training": TrainConfig,
     "output": OutputConfig,
     "evaluation": EvalConfig,
+    "reward": RewardConfig,
+    "smoothing": SmoothingConfig,
 }
 
 
@@ -55,6 +58,26 @@ def test_overrides_are_typed_and_nested():
     assert config["parameters"]["training"]["beta"] == 2500
     assert config["parameters"]["data"]["max_rows"] == 8
     assert yaml.safe_load(yaml.safe_dump(config)) == config
+
+
+def test_method_sections_of_a_profile_only_reach_their_method():
+    smpo = run.resolve_config("smpo_sdxl", None, "toy", ())
+    dpo = run.resolve_config("dpo_sdxl", None, "toy", ())
+    assert smpo["parameters"]["reward"]["scorer"] == "toy_reward"
+    assert "reward" not in dpo["parameters"] and "methods" not in dpo
+    assert "inversion" not in dpo["parameters"]["training"]  # DPO keeps forward noising
+
+
+def test_pipeline_signatures_accept_their_config_parameters():
+    import inspect
+
+    from pipelines import PIPELINES
+
+    for name, pipeline in PIPELINES.items():
+        accepted = set(inspect.signature(pipeline.entrypoint).parameters)
+        for profile in PROFILES:
+            config = run.resolve_config(name, None, profile, ())
+            assert set(config["parameters"]) <= accepted, (name, profile)
 
 
 def test_wrong_values_name_the_field():
