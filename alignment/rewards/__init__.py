@@ -100,6 +100,8 @@ register_scorer(HPS_V21, _deferred_factory(_HPS, "HpsV21Scorer"))
 register_scorer(IMAGE_REWARD, _deferred_factory(_IMAGE_REWARD, "ImageRewardScorer"))
 register_scorer(LAION_AESTHETIC, _deferred_factory(_CLIP_SCORERS, "LaionAestheticScorer"))
 register_scorer(CLIP_SCORE, _deferred_factory(_CLIP_SCORERS, "ClipScoreScorer"))
+# The toy world's learned dual encoder (trained on the toy preferences, never the oracle).
+register_scorer(TOY_REWARD, _deferred_factory("alignment.toyworld.reward_model", "ToyRewardScorer"))
 
 __all__ = [
     "CLIP_SCORE",
