@@ -662,7 +662,7 @@ def test_registry_seam_for_scorers_defined_elsewhere(monkeypatch: pytest.MonkeyP
     monkeypatch.setattr(rewards_base, "_REGISTRY", dict(rewards_base._REGISTRY))
 
     class ConstantScorer(rewards_base.RewardScorer):
-        name = "toy_reward"
+        name = "my_reward"
 
         def __init__(self, value: float) -> None:
             super().__init__(batch_size=2)
@@ -675,11 +675,11 @@ def test_registry_seam_for_scorers_defined_elsewhere(monkeypatch: pytest.MonkeyP
             return torch.full((len(images),), self.value)
 
     with pytest.raises(ValueError, match="register_scorer"):
-        load_scorer("toy_reward")
-    register_scorer("toy_reward", lambda source, value=1.0: ConstantScorer(value))
+        load_scorer("my_reward")
+    register_scorer("my_reward", lambda source, value=1.0: ConstantScorer(value))
     with pytest.raises(ValueError, match="already registered"):
-        register_scorer("toy_reward", lambda source: ConstantScorer(0.0))
-    scorer = load_scorer("toy_reward", value=2.5)
+        register_scorer("my_reward", lambda source: ConstantScorer(0.0))
+    scorer = load_scorer("my_reward", value=2.5)
     assert scorer.score(images, PROMPTS).tolist() == [2.5, 2.5, 2.5]
     assert scorer.text_embeddings(PROMPTS) is None and scorer.image_embeddings(images) is None
 
