@@ -24,7 +24,6 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
-from tqdm.auto import tqdm
 
 from alignment.data import write_pickapic_parquet
 from alignment.models import ModelSpec, load_components

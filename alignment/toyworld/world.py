@@ -52,7 +52,7 @@ class Scene:
     def as_dict(self) -> dict[str, str]:
         return asdict(self)
 
-    def with_attribute(self, name: str, value: str) -> "Scene":
+    def with_attribute(self, name: str, value: str) -> Scene:
         return Scene(**{**self.as_dict(), name: value})
 
 
