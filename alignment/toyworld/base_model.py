@@ -62,11 +62,15 @@ Pipeline = StableDiffusionXLPipeline | StableDiffusionPipeline
 # headroom for alignment (see toy_base_model.json for the measured rates).
 DEFAULT_SAMPLING_STEPS = 25
 DEFAULT_GUIDANCE_SCALE = 3.0
+GUIDANCE_SWEEP = (1.5, 2.0, 3.0, 5.0)
+"""Guidance scales whose prompt following a build records next to the default's."""
 
-# Default training lengths of the committed models (see the module docstring of
-# build_base_model for how they were chosen against the CPU budget).
-DEFAULT_VAE_STEPS = 600
-DEFAULT_UNET_STEPS = {"sdxl": 4000, "sd15": 1600}
+# Training lengths of the committed models. The world must rebuild in about an hour on a
+# shared 2-core CPU (~0.6-1 s per UNet step); with the high-noise weighting the UNet follows
+# the prompt on ~3/4 of held-out samples after ~1500 steps, so these stop earlier, while the
+# base model still leaves headroom for alignment.
+DEFAULT_VAE_STEPS = {"sdxl": 400, "sd15": 300}
+DEFAULT_UNET_STEPS = {"sdxl": 1200, "sd15": 900}
 
 METADATA_FILE = "toy_base_model.json"
 LATENT_SIZE = IMAGE_SIZE // 2
@@ -93,7 +97,7 @@ def _apply_merges(symbols: list[str], merges: list[tuple[str, str]]) -> list[str
     rank = {pair: index for index, pair in enumerate(merges)}
     symbols = list(symbols)
     while len(symbols) > 1:
-        ranked = [(rank.get(pair, math.inf), i) for i, pair in enumerate(zip(symbols, symbols[1:]))]
+        ranked = [(rank.get(pair, math.inf), i) for i, pair in enumerate(zip(symbols, symbols[1:], strict=False))]
         best_rank, at = min(ranked)
         if best_rank == math.inf:
             break
@@ -155,9 +159,7 @@ def build_toy_tokenizer(directory: Path | None = None) -> CLIPTokenizer:
     vocab_file = directory / "vocab.json"
     merges_file = directory / "merges.txt"
     vocab_file.write_text(json.dumps({token: index for index, token in enumerate(tokens)}), encoding="utf-8")
-    merges_file.write_text(
-        "#version: 0.2\n" + "".join(f"{left} {right}\n" for left, right in merges), encoding="utf-8"
-    )
+    merges_file.write_text("#version: 0.2\n" + "".join(f"{left} {right}\n" for left, right in merges), encoding="utf-8")
     return CLIPTokenizer(
         vocab=str(vocab_file),
         merges=str(merges_file),
@@ -193,18 +195,21 @@ def _toy_text_config(tokenizer: CLIPTokenizer) -> CLIPTextConfig:
 
 
 def _toy_unet(arch: Arch) -> UNet2DConditionModel:
-    # Three levels (16, 8, 4 latent cells) as SDXL's three, with cross-attention at the two
-    # lower ones as in SDXL. Measured at ~0.5 s per batch-32 step on one CPU thread.
+    # SDXL's block layout (a plain first level, cross-attention below), one level deeper: the
+    # 16x16 latent goes down to 2x2. At 2x2 every cell touches the zero padding on its own side,
+    # which is what lets the UNet place a shape left or right from the text alone; with a 4x4
+    # bottleneck the position word was learned far more slowly. ~0.5-0.6 s per batch-32 step on
+    # one CPU thread, about the same as the 3-level variant (the extra level is tiny).
     common: dict[str, Any] = {
         "sample_size": LATENT_SIZE,
         "in_channels": 4,
         "out_channels": 4,
-        "block_out_channels": (32, 64, 64),
+        "block_out_channels": (32, 64, 64, 64),
         "layers_per_block": 1,
-        "down_block_types": ("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-        "up_block_types": ("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+        "down_block_types": ("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        "up_block_types": ("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
         # diffusers' historical naming: this is the number of heads per block (head dim 16).
-        "attention_head_dim": (2, 4, 4),
+        "attention_head_dim": (2, 4, 4, 4),
         "norm_num_groups": 8,
         "use_linear_projection": True,
     }
@@ -361,7 +366,7 @@ def _posterior_means(vae: AutoencoderKL, images: torch.Tensor, batch_size: int =
 def train_toy_vae(
     components: DiffusionComponents,
     *,
-    steps: int = DEFAULT_VAE_STEPS,
+    steps: int = DEFAULT_VAE_STEPS["sdxl"],
     seed: int = 0,
     batch_size: int = 32,
     learning_rate: float = 1e-3,
@@ -478,24 +483,70 @@ def noisy_caption(scene: Scene, rng: np.random.Generator, caption_noise: float, 
     return wrong[rng.integers(len(wrong))] if wrong else scene
 
 
+def _token_ids(tokenizer: CLIPTokenizer, prompts: Sequence[str]) -> torch.Tensor:
+    """Token ids padded to the full context, as the diffusers pipelines tokenize."""
+    return tokenizer(
+        list(prompts), padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt"
+    ).input_ids
+
+
+def encode_prompts_differentiably(components: DiffusionComponents, prompts: Sequence[str]) -> PromptEmbeddings:
+    """The pipelines' prompt encoding, with gradients to the text encoders.
+
+    Gives the same numbers as :func:`alignment.conditioning.encode_prompts`
+    (which runs the pipeline's own ``encode_prompt`` under no_grad): SD1.5
+    takes the last hidden state of its encoder; SDXL concatenates the
+    penultimate hidden states of both encoders and pools with encoder 2's
+    projection.
+
+    Args:
+        components: The model.
+        prompts: Texts to encode.
+
+    Returns:
+        The embeddings, in the prompts' order.
+    """
+    if components.arch == "sd15":
+        states = components.text_encoder(_token_ids(components.tokenizer, prompts))[0]
+        return PromptEmbeddings(prompt_embeds=states, pooled_prompt_embeds=None)
+    if components.text_encoder_2 is None or components.tokenizer_2 is None:
+        raise ValueError("SDXL components need text_encoder_2 and tokenizer_2")
+    first = components.text_encoder(_token_ids(components.tokenizer, prompts), output_hidden_states=True)
+    second = components.text_encoder_2(_token_ids(components.tokenizer_2, prompts), output_hidden_states=True)
+    states = torch.cat([first.hidden_states[-2], second.hidden_states[-2]], dim=-1)
+    return PromptEmbeddings(prompt_embeds=states, pooled_prompt_embeds=second.text_embeds)
+
+
+def _text_encoders(components: DiffusionComponents) -> list[torch.nn.Module]:
+    return [encoder for encoder in (components.text_encoder, components.text_encoder_2) if encoder is not None]
+
+
 @dataclass
 class _CaptionBank:
-    """Encodings of every caption training can use, so the text encoders run once."""
+    """The conditioning of every caption training can use: the train prompts, then "".
 
-    scenes: list[Scene]
-    embeds: PromptEmbeddings
-    null: PromptEmbeddings
+    With frozen text encoders the captions are encoded once; with trainable
+    ones they are encoded again, with gradients, for every step (all 37 at
+    once: cheaper than tokenizing the batch).
+    """
+
+    components: DiffusionComponents
+    prompts: list[str]
+    trainable: bool
     time_ids: torch.Tensor | None
+    frozen: PromptEmbeddings | None = None
 
     @classmethod
-    def encode(cls, components: DiffusionComponents, scenes: list[Scene]) -> _CaptionBank:
-        embeds = encode_prompts(components, [scene.prompt for scene in scenes])
-        null = encode_prompts(components, [""])
+    def build(cls, components: DiffusionComponents, scenes: list[Scene], trainable: bool) -> _CaptionBank:
+        prompts = [scene.prompt for scene in scenes] + [""]
         time_ids = None
         if components.arch == "sdxl":
             original, crop, target = _TOY_TIME_IDS
             time_ids = sdxl_time_ids([original], [crop], target)
-        return cls(scenes=scenes, embeds=embeds, null=null, time_ids=time_ids)
+        bank = cls(components=components, prompts=prompts, trainable=trainable, time_ids=time_ids)
+        if not trainable:
+            bank.frozen = encode_prompts(components, prompts)
+        return bank
 
     def batch(
         self, caption_index: torch.Tensor, dropped: torch.Tensor, zeroed: torch.Tensor
@@ -505,14 +556,14 @@ class _CaptionBank:
         Dropped captions become the encoding of "" -- except where ``zeroed``,
         which become all-zero embeddings instead (see ``train_toy_unet``).
         """
-        states = self.embeds.prompt_embeds[caption_index].clone()
-        states[dropped] = self.null.prompt_embeds[0]
-        states[zeroed] = 0.0
+        every = self.frozen if self.frozen is not None else encode_prompts_differentiably(self.components, self.prompts)
+        null_index = len(self.prompts) - 1
+        rows = torch.where(dropped, null_index, caption_index)
+        keep = (~zeroed).to(every.prompt_embeds.dtype)
+        states = every.prompt_embeds[rows] * keep[:, None, None]
         pooled = None
-        if self.embeds.pooled_prompt_embeds is not None:
-            pooled = self.embeds.pooled_prompt_embeds[caption_index].clone()
-            pooled[dropped] = self.null.pooled_prompt_embeds[0]
-            pooled[zeroed] = 0.0
+        if every.pooled_prompt_embeds is not None:
+            pooled = every.pooled_prompt_embeds[rows] * keep[:, None]
         return states, unet_added_conditioning(pooled, self.time_ids)
 
 
@@ -523,9 +574,10 @@ def train_toy_unet(
     seed: int = 0,
     caption_noise: float = 0.25,
     caption_dropout: float = 0.1,
-    high_noise_share: float = 0.0,
+    high_noise_share: float = 0.25,
     high_noise_from: int = 850,
-    max_loss_weight: float = 1.0,
+    max_loss_weight: float = 20.0,
+    train_text_encoders: bool = False,
     batch_size: int = 32,
     learning_rate: float = 1e-3,
     warmup_steps: int = 200,
@@ -546,6 +598,18 @@ def train_toy_unet(
     guides with zeros, and half the encoding of "", because the alignment
     trainer drops captions to "": the base model then knows both.
 
+    The high-noise end of the schedule gets extra weight, because that is where
+    the layout is decided. SD's schedule ends at a non-zero SNR, so a training
+    ``x_t`` still shows faintly where the shape is up to t ~ 900, and a model
+    trained with the plain epsilon loss learns to read the position from the
+    noise instead of from the text: at sampling time the seed, not the prompt,
+    then picks left or right (measured: position at chance after 3000 steps).
+    Two levers fix that: ``high_noise_share`` of the timesteps are drawn from
+    ``[high_noise_from, 1000)``, and each sample's epsilon error is weighted
+    by ``clamp(1 / SNR(t), 1, max_loss_weight)`` -- the error of the
+    predicted clean latent, capped -- so that getting the layout right at
+    high noise counts. With both, position follows the text after ~1000 steps.
+
     Args:
         components: The model, with a trained VAE (see :func:`train_toy_vae`);
             its UNet is trained in place.
@@ -553,6 +617,12 @@ def train_toy_unet(
         seed: Seed of the renders, captions, timesteps and noise.
         caption_noise: Probability that a caption names one attribute wrongly.
         caption_dropout: Probability that a caption is dropped (unconditional).
+        high_noise_share: Share of timesteps drawn from ``[high_noise_from, 1000)``
+            instead of uniformly (0 for the plain recipe).
+        high_noise_from: Start of the oversampled high-noise range.
+        max_loss_weight: Cap of the 1 / SNR loss weight (1 for the plain epsilon loss).
+        train_text_encoders: Train the text encoders jointly with the UNet
+            (same learning rate) instead of keeping them at their random init.
         batch_size: Latents per step.
         learning_rate: Peak AdamW learning rate.
         warmup_steps: Linear warmup before the cosine decay.
@@ -561,32 +631,36 @@ def train_toy_unet(
         on_step: Called as ``on_step(step, loss)`` after every step (for logging).
 
     Returns:
-        Metrics: ``unet/loss`` (smoothed, at the end), ``unet/seconds``,
+        Metrics: ``unet/loss`` (weighted, smoothed, at the end), ``unet/seconds``,
         ``unet/seconds_per_step``, ``unet/caption_noise_rate`` (measured share
         of wrong captions).
     """
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
-    if not 0.0 <= caption_noise <= 1.0 or not 0.0 <= caption_dropout <= 1.0:
-        raise ValueError("caption_noise and caption_dropout must be probabilities")
+    if not all(0.0 <= p <= 1.0 for p in (caption_noise, caption_dropout, high_noise_share)):
+        raise ValueError("caption_noise, caption_dropout and high_noise_share must be probabilities")
+    if max_loss_weight < 1.0:
+        raise ValueError(f"max_loss_weight must be >= 1, got {max_loss_weight}")
     train_scenes, _ = split_scenes()
     images, pool_scenes = _render_pool(train_scenes, renders_per_scene, seed + 2)
     vae = components.vae
     latents = _posterior_means(vae, images) * vae.config.scaling_factor
-    bank = _CaptionBank.encode(components, train_scenes)
+    bank = _CaptionBank.build(components, train_scenes, trainable=train_text_encoders)
     index_of = {scene: i for i, scene in enumerate(train_scenes)}
     allowed = set(train_scenes)
 
     rng = np.random.default_rng(seed)
     generator = torch.Generator().manual_seed(seed)
     unet = components.unet
-    unet.requires_grad_(True)
-    unet.train()
-    optimizer, schedule = _make_optimizer(list(unet.parameters()), learning_rate, steps, warmup_steps)
+    trained = [unet, *(_text_encoders(components) if train_text_encoders else [])]
+    for module in trained:
+        module.requires_grad_(True)
+        module.train()
+    parameters = [parameter for module in trained for parameter in module.parameters()]
+    optimizer, schedule = _make_optimizer(parameters, learning_rate, steps, warmup_steps)
     scheduler = components.noise_scheduler
     alphas_cumprod = scheduler.alphas_cumprod.float()
-    # 1 / SNR turns the epsilon error into the error of the predicted clean latent; capped, it
-    # gives the high-noise steps, where the layout is decided, a say in the loss.
+    # 1 / SNR turns the epsilon error into the error of the predicted clean latent (see docstring).
     loss_weights = (1.0 / (alphas_cumprod / (1.0 - alphas_cumprod))).clamp(1.0, max_loss_weight)
     wrong_captions = 0
     loss_ema = None
@@ -595,12 +669,12 @@ def train_toy_unet(
         for step in bar:
             rows = rng.integers(0, len(latents), size=batch_size)
             captions = [noisy_caption(pool_scenes[row], rng, caption_noise, allowed) for row in rows]
-            wrong_captions += sum(caption != pool_scenes[row] for caption, row in zip(captions, rows))
+            wrong_captions += sum(caption != pool_scenes[row] for caption, row in zip(captions, rows, strict=True))
             caption_index = torch.tensor([index_of[caption] for caption in captions])
             dropped = torch.from_numpy(rng.random(batch_size) < caption_dropout)
-            zeroed = dropped & torch.from_numpy(rng.random(batch_size) < 0.5) if bank.time_ids is not None else (
-                torch.zeros(batch_size, dtype=torch.bool)
-            )
+            zeroed = dropped & torch.from_numpy(rng.random(batch_size) < 0.5)
+            if components.arch != "sdxl":
+                zeroed[:] = False  # the SD1.5 pipeline guides with the encoding of "", never zeros
             states, added = bank.batch(caption_index, dropped, zeroed)
 
             clean = latents[torch.from_numpy(rows)]
@@ -615,7 +689,7 @@ def train_toy_unet(
             loss = (loss_weights[timesteps] * per_sample_mse(prediction, target)).mean()
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
-            torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
+            torch.nn.utils.clip_grad_norm_(parameters, 1.0)
             optimizer.step()
             schedule.step()
             loss_ema = loss.item() if loss_ema is None else 0.99 * loss_ema + 0.01 * loss.item()
@@ -623,8 +697,9 @@ def train_toy_unet(
             if on_step is not None:
                 on_step(step, loss.item())
     seconds = time.perf_counter() - started
-    unet.requires_grad_(False)
-    unet.eval()
+    for module in trained:
+        module.requires_grad_(False)
+        module.eval()
     return {
         "unet/loss": float(loss_ema),
         "unet/seconds": seconds,
@@ -746,7 +821,7 @@ def _score_with_oracle(images: list[Image.Image], prompts: list[str]) -> dict[st
 
 def _score_with_heuristic(images: list[Image.Image], prompts: list[str]) -> dict[str, list[bool]]:
     correct: dict[str, list[bool]] = {name: [] for name in ("all", *ATTRIBUTES)}
-    for image, prompt in zip(images, prompts):
+    for image, prompt in zip(images, prompts, strict=True):
         asked = parse_prompt(prompt).as_dict()
         read = heuristic_attributes(image)
         for name in ATTRIBUTES:
@@ -804,19 +879,41 @@ def _directory_megabytes(directory: Path) -> float:
     return sum(path.stat().st_size for path in directory.rglob("*") if path.is_file()) / 1e6
 
 
+def _measure(
+    model: DiffusionComponents | Pipeline, sampling_steps: int, guidance_scale: float, guidance_sweep: Sequence[float]
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Prompt following at the default guidance and at every scale of the sweep."""
+    started = time.perf_counter()
+    by_guidance: dict[str, Any] = {}
+    for scale in sorted({guidance_scale, *guidance_sweep}):
+        by_guidance[f"{scale:g}"] = prompt_following(model, steps=sampling_steps, guidance_scale=scale)
+    following = dict(by_guidance[f"{guidance_scale:g}"])
+    following["seconds"] = time.perf_counter() - started
+    return following, by_guidance
+
+
+def _write_json_atomically(path: Path, data: dict[str, Any]) -> None:
+    scratch = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    scratch.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
+    os.replace(scratch, path)
+
+
 def build_base_model(
     out_dir: Path,
     arch: Arch = "sdxl",
     *,
     seed: int = 0,
-    vae_steps: int = DEFAULT_VAE_STEPS,
+    vae_steps: int | None = None,
     unet_steps: int | None = None,
     caption_noise: float = 0.25,
     caption_dropout: float = 0.1,
+    high_noise_share: float = 0.25,
+    max_loss_weight: float = 20.0,
     unet_learning_rate: float = 1e-3,
     unet_batch_size: int = 32,
     sampling_steps: int = DEFAULT_SAMPLING_STEPS,
     guidance_scale: float = DEFAULT_GUIDANCE_SCALE,
+    guidance_sweep: Sequence[float] = GUIDANCE_SWEEP,
     evaluate: bool = True,
     show_progress: bool = True,
 ) -> dict[str, Any]:
@@ -830,14 +927,17 @@ def build_base_model(
         out_dir: Target diffusers directory (replaced if it exists).
         arch: ``"sdxl"`` or ``"sd15"``.
         seed: Seed of the weights and of all training randomness.
-        vae_steps: VAE optimizer steps.
+        vae_steps: VAE optimizer steps; None for ``DEFAULT_VAE_STEPS[arch]``.
         unet_steps: UNet optimizer steps; None for ``DEFAULT_UNET_STEPS[arch]``.
         caption_noise: Probability of a caption with one wrong attribute.
         caption_dropout: Probability of a dropped caption.
+        high_noise_share: Share of UNet timesteps drawn from the high-noise end.
+        max_loss_weight: Cap of the 1 / SNR UNet loss weight (see :func:`train_toy_unet`).
         unet_learning_rate: Peak UNet learning rate.
         unet_batch_size: Latents per UNet step.
         sampling_steps: DDIM steps of the prompt-following measurement.
-        guidance_scale: CFG scale of the prompt-following measurement.
+        guidance_scale: CFG scale of the headline prompt-following measurement.
+        guidance_sweep: Further CFG scales to measure (recorded, for choosing defaults).
         evaluate: Measure prompt following (skipped in quick tests).
         show_progress: Draw tqdm bars.
 
@@ -845,6 +945,7 @@ def build_base_model(
         The metadata also written to ``out_dir/toy_base_model.json``.
     """
     out_dir = Path(out_dir)
+    vae_steps = DEFAULT_VAE_STEPS[arch] if vae_steps is None else vae_steps
     unet_steps = DEFAULT_UNET_STEPS[arch] if unet_steps is None else unet_steps
     started = time.perf_counter()
     components = toy_components(arch, seed=seed)
@@ -855,46 +956,49 @@ def build_base_model(
         seed=seed,
         caption_noise=caption_noise,
         caption_dropout=caption_dropout,
+        high_noise_share=high_noise_share,
+        max_loss_weight=max_loss_weight,
         learning_rate=unet_learning_rate,
         batch_size=unet_batch_size,
         show_progress=show_progress,
     )
     train_seconds = time.perf_counter() - started
-    following = None
+    following = by_guidance = None
     if evaluate:
-        evaluation_started = time.perf_counter()
-        following = prompt_following(components, steps=sampling_steps, guidance_scale=guidance_scale)
-        following["seconds"] = time.perf_counter() - evaluation_started
+        following, by_guidance = _measure(components, sampling_steps, guidance_scale, guidance_sweep)
 
+    metadata = {
+        "arch": arch,
+        "seed": seed,
+        "image_size": IMAGE_SIZE,
+        "latent_shape": [components.unet.config.in_channels, LATENT_SIZE, LATENT_SIZE],
+        "parameters": parameter_counts(components),
+        "vae": {"steps": vae_steps, **vae_metrics},
+        "unet": {
+            "steps": unet_steps,
+            "batch_size": unet_batch_size,
+            "learning_rate": unet_learning_rate,
+            "caption_noise": caption_noise,
+            "caption_dropout": caption_dropout,
+            "high_noise_share": high_noise_share,
+            "max_loss_weight": max_loss_weight,
+            "text_encoders": "frozen at their seeded random init",
+            **unet_metrics,
+        },
+        "sampling_defaults": {"scheduler": "DDIM", "steps": sampling_steps, "guidance_scale": guidance_scale},
+        "prompt_following": following,
+        "prompt_following_by_guidance": by_guidance,
+        "train_seconds": train_seconds,
+        "torch_threads": torch.get_num_threads(),
+        "total_seconds": time.perf_counter() - started,
+    }
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
     try:
         components.to_pipeline().save_pretrained(staging, safe_serialization=True)
-        metadata = {
-            "arch": arch,
-            "seed": seed,
-            "image_size": IMAGE_SIZE,
-            "latent_shape": [components.unet.config.in_channels, LATENT_SIZE, LATENT_SIZE],
-            "parameters": parameter_counts(components),
-            "vae": {"steps": vae_steps, **vae_metrics},
-            "unet": {
-                "steps": unet_steps,
-                "batch_size": unet_batch_size,
-                "learning_rate": unet_learning_rate,
-                "caption_noise": caption_noise,
-                "caption_dropout": caption_dropout,
-                "text_encoders": "frozen at seeded random init",
-                **unet_metrics,
-            },
-            "sampling_defaults": {"scheduler": "DDIM", "steps": sampling_steps, "guidance_scale": guidance_scale},
-            "prompt_following": following,
-            "train_seconds": train_seconds,
-            "torch_threads": torch.get_num_threads(),
-            "total_seconds": time.perf_counter() - started,
-        }
         metadata["size_mb"] = round(_directory_megabytes(staging), 3)
         (staging / METADATA_FILE).write_text(json.dumps(metadata, indent=2) + "\n", encoding="utf-8")
-        os.chmod(staging, 0o755)
+        os.chmod(staging, 0o755)  # mkdtemp makes it owner-only; the model is meant to be shared
         if out_dir.exists():
             # Two renames keep the window without a model as short as possible.
             previous = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
@@ -909,30 +1013,77 @@ def build_base_model(
     return metadata
 
 
+def remeasure_base_model(
+    directory: Path,
+    *,
+    sampling_steps: int = DEFAULT_SAMPLING_STEPS,
+    guidance_scale: float = DEFAULT_GUIDANCE_SCALE,
+    guidance_sweep: Sequence[float] = GUIDANCE_SWEEP,
+) -> dict[str, Any]:
+    """Measure a saved base model's prompt following again and update its metadata.
+
+    For when the oracle or the sampling defaults change: the weights are not
+    touched, only ``toy_base_model.json`` is rewritten (atomically).
+
+    Args:
+        directory: A directory written by :func:`build_base_model`.
+        sampling_steps: DDIM steps.
+        guidance_scale: CFG scale of the headline measurement.
+        guidance_sweep: Further CFG scales to measure.
+
+    Returns:
+        The updated metadata.
+    """
+    directory = Path(directory)
+    metadata_file = directory / METADATA_FILE
+    metadata = json.loads(metadata_file.read_text(encoding="utf-8"))
+    pipeline_class = StableDiffusionXLPipeline if metadata["arch"] == "sdxl" else StableDiffusionPipeline
+    pipeline = pipeline_class.from_pretrained(directory, local_files_only=True)
+    following, by_guidance = _measure(pipeline, sampling_steps, guidance_scale, guidance_sweep)
+    metadata["sampling_defaults"] = {"scheduler": "DDIM", "steps": sampling_steps, "guidance_scale": guidance_scale}
+    metadata["prompt_following"] = following
+    metadata["prompt_following_by_guidance"] = by_guidance
+    _write_json_atomically(metadata_file, metadata)
+    return metadata
+
+
+def _scales(text: str) -> list[float]:
+    return [float(value) for value in text.split(",") if value.strip()]
+
+
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
-    """Command line: build one toy base model."""
+    """Command line: build one toy base model (or re-measure a built one)."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--arch", choices=("sdxl", "sd15"), default="sdxl")
     parser.add_argument("--out", type=Path, required=True, help="target diffusers directory")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--vae-steps", type=int, default=DEFAULT_VAE_STEPS)
-    parser.add_argument("--unet-steps", type=int, default=None, help="default: %s" % DEFAULT_UNET_STEPS)
+    parser.add_argument("--vae-steps", type=int, default=None, help=f"default: {DEFAULT_VAE_STEPS}")
+    parser.add_argument("--unet-steps", type=int, default=None, help=f"default: {DEFAULT_UNET_STEPS}")
     parser.add_argument("--caption-noise", type=float, default=0.25)
+    parser.add_argument("--guidance-sweep", type=_scales, default=list(GUIDANCE_SWEEP), help="e.g. 1.5,2,3")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--no-eval", action="store_true", help="skip the prompt-following measurement")
+    parser.add_argument(
+        "--remeasure", action="store_true", help="only re-measure the model already in --out and update its json"
+    )
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    metadata = build_base_model(
-        args.out,
-        args.arch,
-        seed=args.seed,
-        vae_steps=args.vae_steps,
-        unet_steps=args.unet_steps,
-        caption_noise=args.caption_noise,
-        evaluate=not args.no_eval,
-    )
-    print(json.dumps({key: metadata[key] for key in ("arch", "size_mb", "prompt_following", "total_seconds")}, indent=2))
+    if args.remeasure:
+        metadata = remeasure_base_model(args.out, guidance_sweep=args.guidance_sweep)
+    else:
+        metadata = build_base_model(
+            args.out,
+            args.arch,
+            seed=args.seed,
+            vae_steps=args.vae_steps,
+            unet_steps=args.unet_steps,
+            caption_noise=args.caption_noise,
+            guidance_sweep=args.guidance_sweep,
+            evaluate=not args.no_eval,
+        )
+    summary = {key: metadata.get(key) for key in ("arch", "size_mb", "total_seconds", "prompt_following_by_guidance")}
+    print(json.dumps(summary, indent=2))
     return metadata
 
 
