@@ -729,6 +729,7 @@ def sample(
     guidance_scale: float = DEFAULT_GUIDANCE_SCALE,
     batch_size: int = 16,
     size: int = IMAGE_SIZE,
+    show_progress: bool = False,
 ) -> list[Image.Image]:
     """Sample one image per (prompt, seed), deterministically.
 
@@ -746,6 +747,7 @@ def sample(
         guidance_scale: Classifier-free guidance scale (1 disables guidance).
         batch_size: Images per pipeline call.
         size: Image side in pixels.
+        show_progress: Draw a tqdm bar over the images.
 
     Returns:
         RGB images, in the order of ``prompts``.
@@ -757,6 +759,7 @@ def sample(
     pipeline = _as_pipeline(model)
     pipeline.set_progress_bar_config(disable=True)
     images: list[Image.Image] = []
+    bar = tqdm(total=len(prompts), desc="sampling", unit="image", disable=not show_progress)
     for start in range(0, len(prompts), batch_size):
         chunk_prompts = list(prompts[start : start + batch_size])
         generators = [torch.Generator().manual_seed(int(seed)) for seed in seeds[start : start + batch_size]]
@@ -770,6 +773,8 @@ def sample(
             output_type="pil",
         )
         images.extend(output.images)
+        bar.update(len(chunk_prompts))
+    bar.close()
     return images
 
 

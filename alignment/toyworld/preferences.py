@@ -60,7 +60,7 @@ def _split_rows(
 ) -> tuple[list[dict], dict]:
     flat_prompts = [p for p in prompts for _ in range(2 * pairs_per_prompt)]
     flat_seeds = [seed_base + i for i in range(len(flat_prompts))]
-    images = sample(model, flat_prompts, flat_seeds)
+    images = sample(model, flat_prompts, flat_seeds, show_progress=True)
     scores = oracle.score(images, flat_prompts)
     # image 2k and 2k+1 of each prompt form pair k
     adherence = scores.adherence.view(-1, 2)
