@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import json
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -331,9 +331,7 @@ def load_components(
         common = {"local_files_only": True, "variant": spec.variant}
         unet = UNet2DConditionModel.from_pretrained(directory, subfolder="unet", **common)
         vae = AutoencoderKL.from_pretrained(directory, subfolder="vae", **common)
-        text_encoder = CLIPTextModel.from_pretrained(
-            directory, subfolder="text_encoder", dtype=dtype, **common
-        )
+        text_encoder = CLIPTextModel.from_pretrained(directory, subfolder="text_encoder", dtype=dtype, **common)
         tokenizer = CLIPTokenizer.from_pretrained(directory, subfolder="tokenizer", local_files_only=True)
         noise_scheduler = DDPMScheduler.from_pretrained(directory, subfolder="scheduler", local_files_only=True)
         text_encoder_2 = tokenizer_2 = None
@@ -510,7 +508,8 @@ def _tiny_vae(arch: Arch) -> AutoencoderKL:
     )
 
 
-def _training_scheduler() -> DDPMScheduler:
+def sdsd_training_scheduler() -> DDPMScheduler:
+    """The SD1.5 / SDXL training noise schedule (scaled linear betas, epsilon prediction)."""
     return DDPMScheduler(
         num_train_timesteps=1000,
         beta_start=0.00085,
@@ -537,27 +536,63 @@ def build_tiny_components(arch: Arch, seed: int = 0) -> DiffusionComponents:
         Components with a 32x32x4 latent space for 64 px images, 32-wide text
         encoders and the SD training noise schedule.
     """
+    return assemble_components(
+        arch,
+        seed,
+        make_tokenizer=build_offline_clip_tokenizer,
+        make_text_config=_tiny_text_config,
+        make_unet=_tiny_unet,
+        make_vae=_tiny_vae,
+    )
+
+
+def assemble_components(
+    arch: Arch,
+    seed: int,
+    *,
+    make_tokenizer: Callable[[], CLIPTokenizer],
+    make_text_config: Callable[[CLIPTokenizer], CLIPTextConfig],
+    make_unet: Callable[[Arch], UNet2DConditionModel],
+    make_vae: Callable[[Arch], AutoencoderKL],
+) -> DiffusionComponents:
+    """Seeded initialisation of a model built in code (the tiny test model, the toy world's base).
+
+    Each module is initialised from its own seed, in a fixed order, inside a
+    forked RNG, so the caller's RNG state is untouched and changing one
+    module's shape leaves the others' weights alone. The VAE and the text
+    encoders come back frozen (eval, no grad); the UNet trainable.
+
+    Args:
+        arch: ``"sdxl"`` (two text encoders) or ``"sd15"``.
+        seed: Seed of the weights.
+        make_tokenizer: Builds a tokenizer (called once per text encoder).
+        make_text_config: The text encoders' config, given the tokenizer.
+        make_unet: The UNet for ``arch``.
+        make_vae: The VAE for ``arch``.
+
+    Returns:
+        The components, with the SD training noise schedule.
+    """
     if arch not in ("sdxl", "sd15"):
         raise ValueError(f"arch must be 'sdxl' or 'sd15', got {arch!r}")
 
     def seeded(offset: int) -> None:
-        # One seed per module, so that changing one module's shape leaves the others' weights alone.
         torch.manual_seed(seed * 1000 + offset)
 
     with torch.random.fork_rng(devices=[]):
-        tokenizer = build_offline_clip_tokenizer()
-        text_config = _tiny_text_config(tokenizer)
+        tokenizer = make_tokenizer()
+        text_config = make_text_config(tokenizer)
         seeded(0)
-        unet = _tiny_unet(arch)
+        unet = make_unet(arch)
         seeded(1)
-        vae = _tiny_vae(arch)
+        vae = make_vae(arch)
         seeded(2)
         text_encoder = CLIPTextModel(text_config)
         text_encoder_2 = tokenizer_2 = None
         if arch == "sdxl":
             seeded(3)
             text_encoder_2 = CLIPTextModelWithProjection(text_config)
-            tokenizer_2 = build_offline_clip_tokenizer()
+            tokenizer_2 = make_tokenizer()
     for frozen in (vae, text_encoder, text_encoder_2):
         if frozen is not None:
             _freeze(frozen)
@@ -567,7 +602,7 @@ def build_tiny_components(arch: Arch, seed: int = 0) -> DiffusionComponents:
         vae=vae,
         text_encoder=text_encoder,
         tokenizer=tokenizer,
-        noise_scheduler=_training_scheduler(),
+        noise_scheduler=sdsd_training_scheduler(),
         text_encoder_2=text_encoder_2,
         tokenizer_2=tokenizer_2,
     )
@@ -731,8 +766,7 @@ def lora_state_dict(unet: nn.Module) -> dict[str, Tensor]:
         raise ValueError("the UNet has no LoRA adapter")
     peft_state = get_peft_model_state_dict(bare, adapter_name=ADAPTER_NAME)
     return {
-        key: value.detach().to("cpu").contiguous()
-        for key, value in convert_state_dict_to_diffusers(peft_state).items()
+        key: value.detach().to("cpu").contiguous() for key, value in convert_state_dict_to_diffusers(peft_state).items()
     }
 
 

@@ -7,7 +7,13 @@ fixed seeds from the base and the aligned model and scores both with the
 oracle. Prints a table and writes it to ``benchmarks/results/``.
 
     python benchmarks/toy_alignment.py                       # dpo and sft, profile settings
+    python benchmarks/toy_alignment.py --methods dpo smpo_online smpo_cached --name smpo_vs_dpo
     python benchmarks/toy_alignment.py --methods dpo --steps 400 --set training.beta=5000
+
+SmPO's soft labels come from the toy world's learned reward model (never the
+oracle), smoothed as the ``smpo_sdxl`` pipeline does; ``smpo_cached`` inverts
+every pair once with the reference model before training (its one-off
+inversion time is reported separately and included in its wall time).
 
 Wall times are for this machine and this run; compare methods within a run.
 """
@@ -28,28 +34,74 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 
 import run  # noqa: E402
-from alignment.config import DataConfig, EncodeConfig, EvalConfig  # noqa: E402
+from alignment.config import (  # noqa: E402
+    DataConfig,
+    EncodeConfig,
+    EvalConfig,
+    RewardConfig,  # noqa: E402
+)
 from alignment.data import load_preference_frame, prepare_pairs  # noqa: E402
 from alignment.encoding import encode_pairs  # noqa: E402
 from alignment.evaluate import evaluate_with_config  # noqa: E402
 from alignment.models import ModelSpec, load_components  # noqa: E402
-from alignment.train import TrainConfig, save_trained_weights, train_alignment  # noqa: E402
+from alignment.rewards.pairs import score_pairs  # noqa: E402
+from alignment.smoothing import SmoothingConfig, smooth_labels  # noqa: E402
+from alignment.train import (  # noqa: E402
+    PairLabels,
+    TrainConfig,
+    build_inversion_cache,
+    save_trained_weights,
+    train_alignment,
+)
 
 RESULTS_DIR = REPO_ROOT / "benchmarks" / "results"
 
 
+METHODS = ("dpo", "sft", "smpo_online", "smpo_cached")
+
+
 def profile_parameters(method: str, overrides: list[str]) -> dict:
-    config = run.resolve_config(f"{method}_sdxl", None, "toy", tuple(f"parameters.{o}" for o in overrides))
+    """The toy profile's parameters of ``<method>_sdxl``; ``smpo_cached`` switches the inversion mode."""
+    pipeline_method = method.split("_")[0]
+    extra = ("parameters.training.inversion.mode=cached",) if method == "smpo_cached" else ()
+    assignments = extra + tuple(f"parameters.{o}" for o in overrides)
+    config = run.resolve_config(f"{pipeline_method}_sdxl", None, "toy", assignments)
     return config["parameters"]
 
 
-def run_method(method: str, params: dict, encoded, steps: int | None, workdir: Path) -> dict:
+def smpo_labels(pairs, encoded, params: dict) -> tuple[PairLabels, dict]:
+    """Soft labels from the toy reward model, as score_rewards -> smooth_preferences compute them."""
+    scores = score_pairs(pairs, RewardConfig(**params["reward"]))
+    labels, stats = smooth_labels(
+        scores["pair_ids"],
+        torch.tensor(scores["score_w"]),
+        torch.tensor(scores["score_l"]),
+        SmoothingConfig(**params["smoothing"]),
+    )
+    return PairLabels.from_dict(labels, encoded), {"human_agreement": scores["human_agreement"], **stats}
+
+
+def run_method(
+    method: str, params: dict, encoded, steps: int | None, workdir: Path, labels: PairLabels | None = None
+) -> dict:
     model = ModelSpec(**params["model"])
     training = TrainConfig(**{**params["training"], **({"max_train_steps": steps} if steps else {})})
     evaluation = EvalConfig(**params["evaluation"])
     components = load_components(model)
+    inversion_cache, inversion_seconds = None, 0.0
+    if method == "smpo_cached":
+        started = time.perf_counter()
+        inversion_cache = build_inversion_cache(components, encoded, training)
+        inversion_seconds = time.perf_counter() - started
     started = time.perf_counter()
-    result = train_alignment(components, encoded, training, checkpoint_dir=workdir / f"{method}-checkpoints")
+    result = train_alignment(
+        components,
+        encoded,
+        training,
+        checkpoint_dir=workdir / f"{method}-checkpoints",
+        labels=labels,
+        inversion_cache=inversion_cache,
+    )
     train_seconds = time.perf_counter() - started
     weights = save_trained_weights(components, training, workdir / f"{method}-weights")
 
@@ -57,11 +109,13 @@ def run_method(method: str, params: dict, encoded, steps: int | None, workdir: P
     return {
         "method": method,
         "steps": result.final_step,
-        "beta": training.beta if method == "dpo" else None,
+        "beta": training.beta if method != "sft" else None,
+        "smpo_gamma": training.smpo_gamma if method.startswith("smpo") else None,
         "learning_rate": training.learning_rate,
         "pairs_per_step": training.train_batch_size * training.gradient_accumulation_steps,
         "train_seconds": round(train_seconds, 1),
         "seconds_per_step": round(train_seconds / max(result.final_step, 1), 3),
+        "inversion_seconds": round(inversion_seconds, 1),
         **report.to_dict(),
         **report.extra,
         "final_metrics": {k: v for k, v in result.history[-1].items() if k != "step"},
@@ -70,16 +124,20 @@ def run_method(method: str, params: dict, encoded, steps: int | None, workdir: P
 
 def format_table(rows: list[dict]) -> str:
     header = (
-        "| method | steps | β | train wall time | s/step | win rate vs base [95% CI] | "
+        "| method | steps | β | train wall time | s/step | s/step vs DPO | win rate vs base [95% CI] | "
         "oracle reward (aligned / base) | fully correct (aligned / base) |\n"
-        "|---|---|---|---|---|---|---|---|\n"
+        "|---|---|---|---|---|---|---|---|---|\n"
     )
+    dpo = next((r for r in rows if r["method"] == "dpo"), None)
     lines = []
     for r in rows:
         low, high = r["win_rate_ci95"]
+        ratio = f"{r['seconds_per_step'] / dpo['seconds_per_step']:.2f}x" if dpo else "–"
+        inversion = f" (+{r['inversion_seconds']:.0f} s inversion)" if r.get("inversion_seconds") else ""
         lines.append(
-            f"| {r['method']} | {r['steps']} | {r['beta'] if r['beta'] else '–'} | {r['train_seconds']:.0f} s | "
-            f"{r['seconds_per_step']:.2f} | {r['win_rate_vs_base']:.3f} [{low:.3f}, {high:.3f}] | "
+            f"| {r['method']} | {r['steps']} | {r['beta'] if r['beta'] else '–'} | "
+            f"{r['train_seconds']:.0f} s{inversion} | "
+            f"{r['seconds_per_step']:.2f} | {ratio} | {r['win_rate_vs_base']:.3f} [{low:.3f}, {high:.3f}] | "
             f"{r['oracle_reward_mean']:.3f} / {r['oracle_reward_base_mean']:.3f} | "
             f"{r['all_correct_rate']:.1%} / {r['all_correct_rate_base']:.1%} |"
         )
@@ -88,10 +146,16 @@ def format_table(rows: list[dict]) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--methods", nargs="+", default=["dpo", "sft"], choices=["dpo", "sft"])
+    parser.add_argument("--methods", nargs="+", default=["dpo", "sft"], choices=METHODS)
     parser.add_argument("--steps", type=int, default=None, help="override training.max_train_steps")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a profile parameter, e.g. training.beta=5000")
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a profile parameter, e.g. training.beta=5000",
+    )
     parser.add_argument("--name", default="toy_alignment", help="results file stem")
     args = parser.parse_args()
     torch.set_num_threads(2)
@@ -104,11 +168,17 @@ def main() -> None:
     model = ModelSpec(**params["model"])
     encoded = encode_pairs(pairs, load_components(model), resolution=model.resolution, batch_size=encoding.batch_size)
 
+    labels, smoothing_stats = None, None
+    if any(method.startswith("smpo") for method in args.methods):
+        labels, smoothing_stats = smpo_labels(pairs, encoded, profile_parameters("smpo_online", args.overrides))
+        print(f"soft labels: {json.dumps(smoothing_stats)}", flush=True)
+
     rows = []
     with tempfile.TemporaryDirectory(prefix="toy-benchmark-") as tmp:
         for method in args.methods:
             method_params = profile_parameters(method, args.overrides)
-            rows.append(run_method(method, method_params, encoded, args.steps, Path(tmp)))
+            method_labels = labels if method.startswith("smpo") else None
+            rows.append(run_method(method, method_params, encoded, args.steps, Path(tmp), method_labels))
             print(format_table(rows[-1:]), flush=True)
 
     table = format_table(rows)
@@ -116,6 +186,7 @@ def main() -> None:
     RESULTS_DIR.mkdir(parents=True, exist_ok=True)
     payload = {
         "data": {"path": data.path, **stats},
+        "smoothing": smoothing_stats,
         "machine": {"cpus": torch.get_num_threads(), "platform": platform.platform(), "torch": torch.__version__},
         "results": rows,
     }

@@ -40,17 +40,16 @@ import numpy as np
 import torch
 from diffusers import (
     AutoencoderKL,
-    DDPMScheduler,
     StableDiffusionPipeline,
     StableDiffusionXLPipeline,
     UNet2DConditionModel,
 )
 from PIL import Image
 from tqdm.auto import tqdm
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+from transformers import CLIPTextConfig, CLIPTokenizer
 
 from alignment.conditioning import PromptEmbeddings, encode_prompts, sdxl_time_ids, unet_added_conditioning
-from alignment.models import DiffusionComponents, _byte_to_unicode
+from alignment.models import DiffusionComponents, _byte_to_unicode, assemble_components
 from alignment.noise import noisy_latents_and_target, per_sample_mse, sample_timesteps
 from alignment.toyworld.render import BACKGROUND_RGB, COLOUR_RGB, IMAGE_SIZE, render_batch
 from alignment.toyworld.world import ATTRIBUTES, VOCABULARY, Scene, parse_prompt, split_scenes
@@ -247,19 +246,6 @@ def _toy_vae(arch: Arch) -> AutoencoderKL:
     )
 
 
-def _training_scheduler() -> DDPMScheduler:
-    return DDPMScheduler(
-        num_train_timesteps=1000,
-        beta_start=0.00085,
-        beta_end=0.012,
-        beta_schedule="scaled_linear",
-        prediction_type="epsilon",
-        clip_sample=False,
-        # As in the SD1.5 / SDXL scheduler configs; the SD pipeline rewrites any other value with a warning.
-        steps_offset=1,
-    )
-
-
 def toy_components(arch: Arch, seed: int = 0) -> DiffusionComponents:
     """Untrained toy-size modules of the SDXL or SD1.5 architecture.
 
@@ -276,40 +262,13 @@ def toy_components(arch: Arch, seed: int = 0) -> DiffusionComponents:
         The components; the VAE and text encoders are frozen (eval, no grad),
         the UNet is trainable.
     """
-    if arch not in ("sdxl", "sd15"):
-        raise ValueError(f"arch must be 'sdxl' or 'sd15', got {arch!r}")
-
-    def seeded(offset: int) -> None:
-        # One seed per module, so that changing one module's shape leaves the others' weights alone.
-        torch.manual_seed(seed * 1000 + offset)
-
-    with torch.random.fork_rng(devices=[]):
-        tokenizer = build_toy_tokenizer()
-        text_config = _toy_text_config(tokenizer)
-        seeded(0)
-        unet = _toy_unet(arch)
-        seeded(1)
-        vae = _toy_vae(arch)
-        seeded(2)
-        text_encoder = CLIPTextModel(text_config)
-        text_encoder_2 = tokenizer_2 = None
-        if arch == "sdxl":
-            seeded(3)
-            text_encoder_2 = CLIPTextModelWithProjection(text_config)
-            tokenizer_2 = build_toy_tokenizer()
-    for frozen in (vae, text_encoder, text_encoder_2):
-        if frozen is not None:
-            frozen.requires_grad_(False)
-            frozen.eval()
-    return DiffusionComponents(
-        arch=arch,
-        unet=unet,
-        vae=vae,
-        text_encoder=text_encoder,
-        tokenizer=tokenizer,
-        noise_scheduler=_training_scheduler(),
-        text_encoder_2=text_encoder_2,
-        tokenizer_2=tokenizer_2,
+    return assemble_components(
+        arch,
+        seed,
+        make_tokenizer=build_toy_tokenizer,
+        make_text_config=_toy_text_config,
+        make_unet=_toy_unet,
+        make_vae=_toy_vae,
     )
 
 

@@ -112,7 +112,7 @@ def build_preferences(
     base_dir: Path = DEFAULT_BASE_DIR,
     *,
     seed: int = 0,
-    pairs_per_prompt: int = 24,
+    pairs_per_prompt: int = 16,
     validation_pairs_per_prompt: int = 4,
     annotator_count: int = 20,
 ) -> dict:
@@ -188,7 +188,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--base", type=Path, default=DEFAULT_BASE_DIR)
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT_DIR)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--pairs-per-prompt", type=int, default=24)
+    parser.add_argument("--pairs-per-prompt", type=int, default=16)
     args = parser.parse_args(argv)
     summary = build_preferences(args.out, args.base, seed=args.seed, pairs_per_prompt=args.pairs_per_prompt)
     print(json.dumps(summary, indent=1))
