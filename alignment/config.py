@@ -10,7 +10,7 @@ from __future__ import annotations
 from typing import Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 
 class DataConfig(BaseModel):
@@ -31,13 +31,29 @@ class DataConfig(BaseModel):
 
 
 class ValidationConfig(BaseModel):
-    """Checks that must pass before any encoding or training."""
+    """The Great Expectations checks that must pass before any encoding or training."""
 
     model_config = ConfigDict(extra="forbid")
 
-    decode_images: bool = Field(True, description="decode every image (catches corrupt bytes with the row id)")
+    mode: Literal["stop", "quarantine"] = Field(
+        "stop",
+        description="stop: any failed expectation stops the run; quarantine: drop rows failing a row-level "
+        "expectation (counted per reason) and go on; data-set-level failures still stop",
+    )
+    decode_images: bool = Field(True, description="fully decode every image (catches truncated bytes); else headers only")
     min_pairs: int = Field(1, ge=1, description="fewest usable (non-tie) pairs to train on")
     max_tie_ratio: float = Field(0.5, ge=0, le=1, description="refuse data that is mostly ties")
+    min_caption_chars: int = Field(1, ge=0, description="fewest non-blank caption characters (0 allows empty captions)")
+    min_image_size: int = Field(16, ge=1, description="smallest allowed image width and height, pixels")
+    max_image_size: int = Field(4096, ge=1, description="largest allowed image width and height, pixels")
+
+    @model_validator(mode="after")
+    def _size_bounds_ordered(self) -> ValidationConfig:
+        if self.min_image_size > self.max_image_size:
+            raise ValueError(
+                f"min_image_size ({self.min_image_size}) must not exceed max_image_size ({self.max_image_size})"
+            )
+        return self
 
 
 StorageDtype = Literal["float32", "float16", "bfloat16"]

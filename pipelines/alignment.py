@@ -38,7 +38,7 @@ def _check(name: str, arch: str, method: str, model: ModelSpec, training: TrainC
 
 def _encode(data: DataConfig, validation: ValidationConfig, model: ModelSpec, encoding: EncodeConfig):
     rows = load_preferences(data=data)
-    pairs, _report = validate_preferences(rows=rows, data=data, validation=validation)
+    pairs, _report, _html = validate_preferences(rows=rows, data=data, validation=validation)
     encoded = encode_pairs(pairs=pairs, model=model, encoding=encoding, data=data)
     return pairs, encoded
 

@@ -1,20 +1,22 @@
-"""Step: check preference rows and turn them into winner-first pairs."""
+"""Step: check preference rows with the GX suite and turn them into winner-first pairs."""
 
 from __future__ import annotations
 
 from typing import Annotated
 
 import pandas as pd
-from zenml import ArtifactConfig, log_metadata, step
+from zenml import ArtifactConfig, log_metadata, save_artifact, step
+from zenml.types import HTMLString
 
 import alignment.data
+import alignment.gx_suite
 import alignment.validation
 from alignment.config import DataConfig, ValidationConfig
 from alignment.validation import PreferenceValidationError, validate_preference_rows
 from steps.caching import cache_on
 
 
-@step(cache_policy=cache_on(alignment.data, alignment.validation))
+@step(cache_policy=cache_on(alignment.data, alignment.gx_suite, alignment.validation))
 def validate_preferences(
     rows: pd.DataFrame,
     data: DataConfig,
@@ -22,19 +24,22 @@ def validate_preferences(
 ) -> tuple[
     Annotated[pd.DataFrame, ArtifactConfig(name="preference_pairs")],
     Annotated[dict, ArtifactConfig(name="validation_report")],
+    Annotated[HTMLString, ArtifactConfig(name="validation_html")],
 ]:
-    """Validate labels, ties and images; stop the pipeline if a check fails.
+    """Run the Great Expectations suite; stop, or quarantine bad rows, as configured.
 
     Args:
         rows: raw Pick-a-Pic-schema rows.
         data: the tie / label filters to apply.
-        validation: thresholds.
+        validation: thresholds and the mode (stop / quarantine).
 
     Returns:
-        Winner-first pairs (ties dropped) and the validation report.
+        Winner-first pairs (ties and quarantined rows dropped), the validation
+        report, and the GX validation result as HTML (shown in the dashboard).
 
     Raises:
-        PreferenceValidationError: naming each failed check and sample row ids.
+        PreferenceValidationError: naming each failed expectation and sample row
+            ids. The report and the HTML are saved as artifacts of this step first.
     """
     options = {
         "drop_ties": data.drop_ties,
@@ -43,7 +48,20 @@ def validate_preferences(
     }
     report = validate_preference_rows(rows, options, validation)
     summary = report.to_dict()
-    log_metadata({"validation_passed": report.passed, **{f"data/{k}": v for k, v in report.stats.items()}})
+    html = HTMLString(report.html)
+    log_metadata(
+        {
+            "validation_passed": report.passed,
+            "validation_mode": report.mode,
+            "failed_checks": [failure.check for failure in report.failures],
+            "quarantined": {reason: len(ids) for reason, ids in report.quarantined.items()},
+            **{f"data/{k}": v for k, v in report.stats.items()},
+        }
+    )
     if not report.passed:
+        # A raising step saves no outputs, so save the evidence by hand: it is
+        # linked to this (failed) step run and visible in the dashboard.
+        save_artifact(html, name="validation_html")
+        save_artifact(summary, name="validation_report")
         raise PreferenceValidationError(report, source=f"{data.path} (split {data.split})")
-    return report.pairs, summary
+    return report.pairs, summary, html
