@@ -18,6 +18,14 @@ Invariants worth knowing:
   see the same global batch as one process does.
 * Checkpoints are written to a temporary directory and renamed into place:
   a run killed mid-save leaves the previous checkpoint intact.
+
+Under N processes (``alignment.launch``) each process draws the whole global
+micro-batch (indices, caption-dropout mask, timesteps, noise) from the shared
+generators and keeps its slice, DDP averages the gradients, and only the main
+process writes. Two draws cannot be split that way and are therefore equal in
+distribution but not bit-identical across process counts: LoRA dropout (the
+global RNG, seeded per process by the launcher) and online inversion's eta
+noise (drawn inside ``invert`` for the local batch).
 """
 
 from __future__ import annotations
@@ -102,6 +110,10 @@ class TrainConfig(BaseModel):
     weight_decay: float = Field(1e-2, ge=0)
     caption_dropout: float = Field(0.2, ge=0, le=1, description="share of captions replaced by ''")
     mixed_precision: Literal["no", "fp16", "bf16"] = "no"
+    num_processes: int = Field(
+        1, ge=1, description="data-parallel workers (GPUs, or CPU processes with gloo); the global batch is "
+        "train_batch_size x num_processes x gradient_accumulation_steps. >1 runs through alignment.launch"
+    )
     gradient_checkpointing: bool = False
     checkpointing_steps: int = Field(500, ge=1)
     checkpoints_total_limit: int | None = Field(2, ge=1)
@@ -386,6 +398,13 @@ class PreferenceTrainer:
         self.checkpoint_dir = Path(checkpoint_dir)
         self.fingerprint = fingerprint
         self.accelerator = accelerator or Accelerator(mixed_precision=config.mixed_precision)
+        if config.num_processes > 1 and self.accelerator.num_processes != config.num_processes:
+            # Otherwise the run would silently train with a smaller global batch than configured.
+            raise ValueError(
+                f"training.num_processes is {config.num_processes} but this run has "
+                f"{self.accelerator.num_processes} process(es): start it with alignment.launch.launch_training "
+                f"or `accelerate launch --num_processes {config.num_processes} -m alignment.launch ...`"
+            )
         self.show_progress = show_progress
         self.log_fn = log_fn
         self.on_step_end = on_step_end
@@ -486,8 +505,9 @@ class PreferenceTrainer:
         with torch.no_grad():
             for name, param in named.items():
                 param.copy_(weights[name].to(param.device, param.dtype))
-        self.optimizer.load_state_dict(torch.load(latest / "optimizer.pt", weights_only=True))
-        self.lr_scheduler.load_state_dict(torch.load(latest / "scheduler.pt", weights_only=True))
+        # map_location: the main process saved from its own GPU; every rank restores onto its own device.
+        self.optimizer.load_state_dict(torch.load(latest / "optimizer.pt", weights_only=True, map_location="cpu"))
+        self.lr_scheduler.load_state_dict(torch.load(latest / "scheduler.pt", weights_only=True, map_location="cpu"))
         self.step = int(state["step"])
         self.history = list(state["history"])
         self.resumed_from_step = self.step
@@ -580,7 +600,10 @@ class PreferenceTrainer:
             with self.accelerator.autocast():
                 return _unet_predict(policy, z.to(latents.dtype), t, embeds, pooled, time_ids)
 
-        generator = _generator(self.config.seed, micro_index, 4)
+        # invert() draws its eta noise for the local batch only; with one shared stream every process
+        # would add the same noise to different pairs, so each process beyond the first gets its own.
+        rank = self.accelerator.process_index
+        generator = _generator(self.config.seed, micro_index, 4 if rank == 0 else 1_000 + rank)
         with torch.no_grad():
             x_t, target = invert(
                 policy_eps,
@@ -660,7 +683,7 @@ class PreferenceTrainer:
             while self.step < config.max_train_steps:
                 metrics = self._optimizer_step()
                 self.step += 1
-                metrics = {k: accelerator.reduce(torch.tensor(v, device=accelerator.device), "mean").item() for k, v in metrics.items()}
+                metrics = self._mean_over_processes(metrics)
                 record = {"step": self.step, **metrics}
                 if not all(math.isfinite(v) for v in metrics.values()):
                     raise FloatingPointError(f"non-finite training metrics at step {self.step}: {metrics}")
@@ -685,6 +708,13 @@ class PreferenceTrainer:
             seconds=time.perf_counter() - started,
             trainable_parameters=self.trainable_parameter_count,
         )
+
+    def _mean_over_processes(self, metrics: dict[str, float]) -> dict[str, float]:
+        """Average the metrics over processes in one all-reduce (every process has the same keys, in order)."""
+        if self.accelerator.num_processes == 1:
+            return metrics
+        values = torch.tensor(list(metrics.values()), dtype=torch.float32, device=self.accelerator.device)
+        return dict(zip(metrics, self.accelerator.reduce(values, "mean").tolist(), strict=True))
 
     @property
     def trained_unet(self) -> torch.nn.Module:

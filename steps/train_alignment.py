@@ -8,6 +8,7 @@ from typing import Annotated
 from zenml import ArtifactConfig, step
 from zenml.enums import ArtifactType
 
+import alignment.launch
 import alignment.losses
 import alignment.models
 import alignment.noise
@@ -22,7 +23,7 @@ from steps.caching import cache_on
 from steps.training import run_training
 
 
-@step(cache_policy=cache_on(alignment.train, alignment.losses, alignment.noise, alignment.models, steps.training))
+@step(cache_policy=cache_on(alignment.train, alignment.launch, alignment.losses, alignment.noise, alignment.models, steps.training))
 def train_alignment(
     encoded: EncodedPairs,
     model: ModelSpec,
@@ -37,7 +38,9 @@ def train_alignment(
     """Train a LoRA on the UNet's attention and save it in diffusers format.
 
     A killed run resumes from its latest checkpoint when the pipeline is run
-    again with the same data, model and hyper-parameters.
+    again with the same data, model and hyper-parameters. With
+    ``training.num_processes > 1`` the training runs in that many
+    data-parallel workers (``accelerate launch``, see ``alignment.launch``).
 
     Args:
         encoded: the cached latents and prompt embeddings.

@@ -8,6 +8,7 @@ from typing import Annotated
 from zenml import ArtifactConfig, step
 from zenml.enums import ArtifactType
 
+import alignment.launch
 import alignment.losses
 import alignment.models
 import alignment.noise
@@ -22,7 +23,7 @@ from steps.caching import cache_on
 from steps.training import run_training
 
 
-@step(cache_policy=cache_on(alignment.train, alignment.losses, alignment.noise, alignment.models, steps.training))
+@step(cache_policy=cache_on(alignment.train, alignment.launch, alignment.losses, alignment.noise, alignment.models, steps.training))
 def train_alignment_full(
     encoded: EncodedPairs,
     model: ModelSpec,
@@ -35,6 +36,9 @@ def train_alignment_full(
     Annotated[dict, ArtifactConfig(name="training_metrics")],
 ]:
     """Fine-tune every UNet weight against a frozen reference copy.
+
+    With ``training.num_processes > 1`` the training runs in that many
+    data-parallel workers (``accelerate launch``, see ``alignment.launch``).
 
     Returns:
         A directory with ``unet/`` (``UNet2DConditionModel.from_pretrained(dir,

@@ -1,0 +1,308 @@
+"""Multi-process (multi-GPU) training: the worker entry point and its launcher.
+
+Worker, one per process, started by ``accelerate launch`` (or ``torchrun``)::
+
+    accelerate launch --multi_gpu --num_processes 2 -m alignment.launch \\
+        --encoded ENCODED_DIR --model model.json --config train.json --out OUT_DIR
+
+On a machine without CUDA the worker joins a CPU process group (gloo), so the
+same command tests data parallelism on a laptop. ``--encoded`` is a directory
+written by ``EncodedPairs.save``; ``--model`` / ``--config`` are a ModelSpec
+and a TrainConfig, each as a JSON file or an inline JSON object. The main
+process writes ``OUT_DIR/weights`` (LoRA: ``pytorch_lora_weights.safetensors``,
+full: ``unet/``) and ``OUT_DIR/result.json`` (history, steps, timing).
+
+Launcher: :func:`launch_training` writes the inputs to a job directory, runs
+``accelerate launch`` in a subprocess and reads the result back. The training
+step uses it when ``training.num_processes > 1``.
+
+Why a subprocess and not ZenML's ``run_with_accelerate`` (zenml 0.98,
+``zenml.integrations.huggingface.steps``): it turns the step's inputs into
+command-line flags and accepts only str/int/float/bool/Path parameters, while
+our step takes an ``EncodedPairs`` artifact and pydantic configs; the process
+count is fixed when the step is decorated, not read from the run config; and
+each worker re-runs the whole step body, where ``log_metadata`` has no step
+context. Handing the workers files (safetensors + JSON) avoids all three.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from collections import deque
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import pydantic
+import torch
+from safetensors.torch import load_file, save_file
+
+from alignment.encoding import META_FILE, TENSORS_FILE, EncodedPairs
+from alignment.models import ModelSpec, load_components
+from alignment.train import PairLabels, PreferenceTrainer, TrainConfig, TrainResult, save_trained_weights
+
+RESULT_FILE = "result.json"
+WEIGHTS_DIR = "weights"
+LABELS_FILE = "labels.safetensors"
+
+
+class LaunchError(RuntimeError):
+    """The worker processes failed; the message carries the tail of their output."""
+
+
+# ----------------------------------------------------------------------------
+# inputs
+
+
+def _read_json_arg(flag: str, value: str) -> dict:
+    """A flag's value as JSON: an inline object, or the path of a JSON file."""
+    text = value if value.lstrip().startswith("{") else None
+    if text is None:
+        path = Path(value)
+        if not path.is_file():
+            raise SystemExit(f"{flag}: {value!r} is neither a JSON object nor an existing JSON file")
+        text = path.read_text()
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise SystemExit(f"{flag}: invalid JSON ({error})") from None
+    if not isinstance(data, dict):
+        raise SystemExit(f"{flag}: expected a JSON object, got {type(data).__name__}")
+    return data
+
+
+def _parse_model(flag: str, value: str, model_type: type[pydantic.BaseModel]):
+    try:
+        return model_type.model_validate(_read_json_arg(flag, value))
+    except pydantic.ValidationError as error:
+        raise SystemExit(f"{flag}: not a valid {model_type.__name__}:\n{error}") from None
+
+
+def _load_encoded(directory: str) -> EncodedPairs:
+    path = Path(directory)
+    missing = [name for name in (TENSORS_FILE, META_FILE) if not (path / name).is_file()]
+    if missing:
+        raise SystemExit(
+            f"--encoded: {directory} is not an EncodedPairs directory (missing {', '.join(missing)}); "
+            "write one with EncodedPairs.save"
+        )
+    return EncodedPairs.load(path)
+
+
+def save_labels(labels: PairLabels, path: Path) -> Path:
+    save_file({"soft_label": labels.soft_label.contiguous(), "swap": labels.swap.contiguous()}, str(path))
+    return path
+
+
+def load_labels(path: Path, encoded: EncodedPairs) -> PairLabels:
+    tensors = load_file(str(path))
+    labels = PairLabels(soft_label=tensors["soft_label"], swap=tensors["swap"].bool())
+    if labels.soft_label.shape[0] != len(encoded):
+        raise SystemExit(f"--labels: {path} has {labels.soft_label.shape[0]} rows, the encoded pairs {len(encoded)}")
+    return labels
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m alignment.launch",
+        description="One data-parallel training worker; start N of them with `accelerate launch`.",
+    )
+    parser.add_argument("--encoded", required=True, help="directory written by EncodedPairs.save")
+    parser.add_argument("--model", required=True, help="ModelSpec as a JSON file or inline JSON object")
+    parser.add_argument("--config", required=True, help="TrainConfig as a JSON file or inline JSON object")
+    parser.add_argument("--out", required=True, help="output directory (weights/ and result.json)")
+    parser.add_argument("--checkpoint-dir", help="where checkpoints live (default: OUT/checkpoints)")
+    parser.add_argument("--fingerprint", default="", help="run identity; refuses checkpoints of another run")
+    parser.add_argument("--labels", help="SmPO soft labels (safetensors with soft_label, swap)")
+    parser.add_argument("--inversion-cache", help="directory written by InversionCache.save (cached SmPO)")
+    parser.add_argument("--progress", action="store_true", help="show a progress bar on the main process")
+    return parser
+
+
+# ----------------------------------------------------------------------------
+# the worker
+
+
+def _accelerator(config: TrainConfig):
+    from accelerate import Accelerator
+
+    # Under a launcher without CUDA, accelerate only forms a process group when told to use the CPU
+    # (then with gloo); without this, each worker would silently train alone on the whole batch.
+    launched = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    return Accelerator(mixed_precision=config.mixed_precision, cpu=launched and not torch.cuda.is_available())
+
+
+def run_worker(argv: Sequence[str] | None = None) -> TrainResult:
+    """Train on this process's share of every global batch; the main process writes the results."""
+    from accelerate.utils import set_seed
+
+    args = build_parser().parse_args(argv)
+    model = _parse_model("--model", args.model, ModelSpec)
+    config = _parse_model("--config", args.config, TrainConfig)
+    encoded = _load_encoded(args.encoded)
+    labels = load_labels(Path(args.labels), encoded) if args.labels else None
+    inversion_cache = None
+    if args.inversion_cache:
+        from alignment.inversion import InversionCache
+
+        inversion_cache = InversionCache.load(args.inversion_cache)
+    out = Path(args.out)
+
+    accelerator = _accelerator(config)
+    # The actual world size defines the global batch; record it instead of refusing a hand-started launch.
+    config = config.model_copy(update={"num_processes": accelerator.num_processes})
+    # Only LoRA dropout reads the global RNG (the trainer's own draws use seeded generators):
+    # a different seed per process keeps the dropout masks of different shards independent.
+    set_seed(config.seed, device_specific=True)
+
+    components = load_components(model)
+    trainer = PreferenceTrainer(
+        components,
+        encoded,
+        config,
+        checkpoint_dir=args.checkpoint_dir or out / "checkpoints",
+        fingerprint=args.fingerprint,
+        accelerator=accelerator,
+        show_progress=args.progress,
+        labels=labels,
+        inversion_cache=inversion_cache,
+    )
+    trainer.setup()
+    result = trainer.train()
+    if accelerator.is_main_process:
+        components.unet = trainer.trained_unet
+        save_trained_weights(components, config, out / WEIGHTS_DIR)
+        payload = {
+            "history": result.history,
+            "final_step": result.final_step,
+            "resumed_from_step": result.resumed_from_step,
+            "seconds": result.seconds,
+            "trainable_parameters": result.trainable_parameters,
+            "num_processes": accelerator.num_processes,
+            "distributed_type": accelerator.distributed_type.value,
+        }
+        (out / RESULT_FILE).write_text(json.dumps(payload))
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    return result
+
+
+# ----------------------------------------------------------------------------
+# the launcher
+
+
+def accelerate_command(num_processes: int, mixed_precision: str, worker_args: Sequence[str]) -> list[str]:
+    """``accelerate launch`` for the worker module, with a free rendezvous port."""
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(num_processes)]
+    command += ["--num_machines", "1", "--mixed_precision", mixed_precision, "--dynamo_backend", "no"]
+    command += ["--main_process_port", "0"]  # 0: accelerate picks a free port (parallel runs do not collide)
+    if num_processes > 1:
+        # accelerate's multi-process launcher is torchrun; on CPU-only machines ACCELERATE_USE_CPU
+        # (set by launch_training) turns it into a gloo process group.
+        command.append("--multi_gpu")
+    return [*command, "-m", "alignment.launch", *worker_args]
+
+
+def launch_training(
+    model: ModelSpec,
+    encoded: EncodedPairs,
+    config: TrainConfig,
+    *,
+    checkpoint_dir: str | Path,
+    fingerprint: str = "",
+    labels: PairLabels | None = None,
+    inversion_cache=None,
+    out_dir: str | Path | None = None,
+    log_fn: Callable[[dict[str, float], int], None] | None = None,
+    print_fn: Callable[[str], None] = print,
+    show_progress: bool = False,
+) -> tuple[TrainResult, Path]:
+    """Run ``config.num_processes`` workers with ``accelerate launch`` and collect the weights.
+
+    The inputs go to a temporary job directory as safetensors + JSON (no
+    pickle); it is removed afterwards. The workers' output is forwarded line
+    by line to ``print_fn`` (so a ZenML step's log captures it), and
+    ``log_fn`` receives the metric history after the run, as the in-process
+    trainer would have sent it step by step.
+
+    Returns:
+        The training result and ``out_dir/weights`` (LoRA or full UNet, as
+        :func:`alignment.train.save_trained_weights` writes them).
+
+    Raises:
+        LaunchError: If a worker fails; the message ends with its output.
+    """
+    out = Path(out_dir) if out_dir is not None else Path(tempfile.mkdtemp(prefix="alignment_launch_out_"))
+    out.mkdir(parents=True, exist_ok=True)
+    job = Path(tempfile.mkdtemp(prefix="alignment_launch_job_"))
+    try:
+        encoded.save(job / "encoded")
+        (job / "model.json").write_text(model.model_dump_json())
+        (job / "config.json").write_text(config.model_dump_json())
+        worker_args = [
+            "--encoded", str(job / "encoded"),
+            "--model", str(job / "model.json"),
+            "--config", str(job / "config.json"),
+            "--out", str(out),
+            "--checkpoint-dir", str(checkpoint_dir),
+            "--fingerprint", fingerprint,
+        ]  # fmt: skip
+        if labels is not None:
+            worker_args += ["--labels", str(save_labels(labels, job / LABELS_FILE))]
+        if inversion_cache is not None:
+            worker_args += ["--inversion-cache", str(inversion_cache.save(job / "inversion_cache"))]
+        if show_progress:
+            worker_args.append("--progress")
+        env = dict(os.environ)
+        # The workers import this package by name: put its source root first (the step's cwd may be elsewhere).
+        source_root = str(Path(__file__).resolve().parents[1])
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (source_root, env.get("PYTHONPATH")) if p)
+        if not torch.cuda.is_available():
+            env["ACCELERATE_USE_CPU"] = "true"
+        command = accelerate_command(config.num_processes, config.mixed_precision, worker_args)
+        _run(command, env, print_fn)
+    finally:
+        shutil.rmtree(job, ignore_errors=True)
+
+    result_file = out / RESULT_FILE
+    if not result_file.is_file():
+        raise LaunchError(f"the workers exited cleanly but wrote no {result_file}")
+    payload = json.loads(result_file.read_text())
+    if payload["num_processes"] != config.num_processes:
+        raise LaunchError(f"asked for {config.num_processes} processes, the workers ran as {payload['num_processes']}")
+    if log_fn is not None:
+        for record in payload["history"]:
+            log_fn({k: v for k, v in record.items() if k != "step"}, record["step"])
+    result = TrainResult(
+        history=payload["history"],
+        final_step=payload["final_step"],
+        resumed_from_step=payload["resumed_from_step"],
+        seconds=payload["seconds"],
+        trainable_parameters=payload["trainable_parameters"],
+        extra={"num_processes": payload["num_processes"], "distributed_type": payload["distributed_type"]},
+    )
+    return result, out / WEIGHTS_DIR
+
+
+def _run(command: list[str], env: dict[str, str], print_fn: Callable[[str], None]) -> None:
+    tail: deque[str] = deque(maxlen=40)
+    with subprocess.Popen(
+        command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1
+    ) as process:
+        assert process.stdout is not None
+        for line in process.stdout:
+            line = line.rstrip("\n")
+            tail.append(line)
+            print_fn(line)
+        code = process.wait()
+    if code != 0:
+        raise LaunchError(f"`{' '.join(command[:8])} ...` exited with {code}; last output:\n" + "\n".join(tail))
+
+
+if __name__ == "__main__":
+    run_worker()
