@@ -157,8 +157,9 @@ def main() -> None:
         help="override a profile parameter, e.g. training.beta=5000",
     )
     parser.add_argument("--name", default="toy_alignment", help="results file stem")
+    parser.add_argument("--threads", type=int, default=2, help="torch CPU threads (1 is faster on a busy machine)")
     args = parser.parse_args()
-    torch.set_num_threads(2)
+    torch.set_num_threads(args.threads)
 
     params = profile_parameters(args.methods[0], args.overrides)
     data = DataConfig(**params["data"])

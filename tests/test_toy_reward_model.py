@@ -284,4 +284,4 @@ def test_committed_model_prefers_the_prompted_render():
 
 
 # Measured rate minus a margin; set when the committed model was trained.
-COMMITTED_RANKING_FLOOR = 0.75
+COMMITTED_RANKING_FLOOR = 0.85  # measured 0.904 (150 steps, contrastive weight 2)
