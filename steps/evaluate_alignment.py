@@ -12,6 +12,7 @@ import alignment.evaluate
 from alignment.config import EvalConfig
 from alignment.evaluate import evaluate_with_config, sample_grid
 from alignment.models import ModelSpec, load_components
+from steps import tracking
 from steps.caching import cache_on
 
 
@@ -44,4 +45,5 @@ def evaluate_alignment(
     )
     summary = {**report.to_dict(), "scorer": evaluation.scorer}
     log_metadata({"evaluation": summary}, infer_model=True)
+    tracking.log_evaluation(summary, grid, caption="top row: base model, bottom row: aligned model")
     return summary, grid

@@ -6,7 +6,6 @@ the training itself is ``alignment.train``.
 
 from __future__ import annotations
 
-import sys
 import tempfile
 from pathlib import Path
 
@@ -17,15 +16,8 @@ from alignment.encoding import EncodedPairs
 from alignment.inversion import InversionCache
 from alignment.models import ModelSpec, load_components
 from alignment.train import PairLabels, TrainConfig, run_fingerprint, save_trained_weights, train_alignment
+from steps import tracking
 from steps.paths import repo_path
-
-
-def _wandb_logger():
-    """Log to the active W&B run when the stack's experiment tracker opened one."""
-    wandb = sys.modules.get("wandb")
-    if wandb is None or getattr(wandb, "run", None) is None:
-        return None
-    return lambda metrics, step: wandb.log(metrics, step=step)
 
 
 def run_training(
@@ -45,13 +37,15 @@ def run_training(
         extra_identity["swaps"] = int(labels.swap.sum())
     fingerprint = run_fingerprint(encoded, model, training, extra=extra_identity)
     checkpoint_dir = repo_path(output.checkpoint_root) / fingerprint
+    # With the stack's W&B tracker on this step: the recipe in the run config, loss/lr per step below.
+    tracking.log_config({"training": training.model_dump(mode="json"), "model": model.model_dump(mode="json"), "run_fingerprint": fingerprint})
     result = train_alignment(
         components,
         encoded,
         training,
         checkpoint_dir=checkpoint_dir,
         fingerprint=fingerprint,
-        log_fn=_wandb_logger(),
+        log_fn=tracking.step_logger(),
         labels=labels,
         inversion_cache=inversion_cache,
     )
