@@ -14,6 +14,7 @@ from zenml import log_metadata
 from alignment.config import OutputConfig
 from alignment.encoding import EncodedPairs
 from alignment.inversion import InversionCache
+from alignment.launch import launch_training
 from alignment.models import ModelSpec, load_components
 from alignment.train import PairLabels, TrainConfig, run_fingerprint, save_trained_weights, train_alignment
 from steps import tracking
@@ -29,7 +30,6 @@ def run_training(
     inversion_cache: InversionCache | None = None,
 ) -> tuple[Path, dict]:
     """Train, save the weights to a fresh directory, and return it with the metrics."""
-    components = load_components(model)
     labels = PairLabels.from_dict(soft_labels, encoded) if soft_labels is not None else None
     extra_identity = {"soft_labels": soft_labels is not None, "inversion_cache": inversion_cache is not None}
     if soft_labels is not None:
@@ -39,18 +39,34 @@ def run_training(
     checkpoint_dir = repo_path(output.checkpoint_root) / fingerprint
     # With the stack's W&B tracker on this step: the recipe in the run config, loss/lr per step below.
     tracking.log_config({"training": training.model_dump(mode="json"), "model": model.model_dump(mode="json"), "run_fingerprint": fingerprint})
-    result = train_alignment(
-        components,
-        encoded,
-        training,
-        checkpoint_dir=checkpoint_dir,
-        fingerprint=fingerprint,
-        log_fn=tracking.step_logger(),
-        labels=labels,
-        inversion_cache=inversion_cache,
-    )
-    weights_dir = Path(tempfile.mkdtemp(prefix=f"{training.method}_{model.arch}_weights_"))
-    save_trained_weights(components, training, weights_dir)
+    if training.num_processes > 1:
+        # Data-parallel workers under `accelerate launch` (alignment/launch.py says why not ZenML's
+        # run_with_accelerate); they load the model themselves, so none is loaded here.
+        result, weights_dir = launch_training(
+            model,
+            encoded,
+            training,
+            checkpoint_dir=checkpoint_dir,
+            fingerprint=fingerprint,
+            labels=labels,
+            inversion_cache=inversion_cache,
+            out_dir=tempfile.mkdtemp(prefix=f"{training.method}_{model.arch}_launch_"),
+            log_fn=tracking.step_logger(),
+        )
+    else:
+        components = load_components(model)
+        result = train_alignment(
+            components,
+            encoded,
+            training,
+            checkpoint_dir=checkpoint_dir,
+            fingerprint=fingerprint,
+            log_fn=tracking.step_logger(),
+            labels=labels,
+            inversion_cache=inversion_cache,
+        )
+        weights_dir = Path(tempfile.mkdtemp(prefix=f"{training.method}_{model.arch}_weights_"))
+        save_trained_weights(components, training, weights_dir)
     summary = result.summary()
     metrics = {
         "summary": summary,
