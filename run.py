@@ -161,6 +161,18 @@ def set_data_path(config: dict[str, Any], data_path: Path) -> None:
     config.setdefault("parameters", {}).setdefault("data", {})["path"] = str(path)
 
 
+def enable_tracking(config: dict[str, Any]) -> None:
+    """Turn on the stack's experiment tracker for the training and evaluation steps.
+
+    ``true`` means the active stack's tracker, whatever its name; the run fails
+    with ZenML's message when the stack has none.
+    """
+    finetune = config.get("parameters", {}).get("training", {}).get("finetune", "lora")
+    training_step = "train_alignment" if finetune == "lora" else "train_alignment_full"
+    for step in (training_step, "evaluate_alignment"):
+        config.setdefault("steps", {}).setdefault(step, {})["experiment_tracker"] = True
+
+
 def save_resolved(pipeline_name: str, config: dict[str, Any]) -> Path:
     stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S-%f")
     out = REPO_ROOT / "outputs" / "configs" / f"{pipeline_name}-{stamp}.yaml"
@@ -366,6 +378,11 @@ def replay(run_ref: str, from_step: str | None, no_cache: bool) -> Any:
     help="with --replay: reuse the outputs before STEP, execute STEP and everything after it",
 )
 @click.option(
+    "--track",
+    is_flag=True,
+    help="log training and evaluation to the active stack's experiment tracker (W&B, offline by default)",
+)
+@click.option(
     "--snapshot",
     "snapshot_name",
     metavar="NAME",
@@ -383,6 +400,7 @@ def main(
     model_version: str | None,
     replay_run: str | None,
     from_step: str | None,
+    track: bool,
     snapshot_name: str | None,
 ) -> None:
     sys.path.insert(0, str(REPO_ROOT))
@@ -419,6 +437,10 @@ def main(
         raise click.UsageError("--model, --to and --version only apply to --pipeline promote")
 
     config = resolve_config(pipeline_name, config_path, profile, overrides)
+    if track:
+        if pipeline_name == "promote":
+            raise click.UsageError("--track applies to training pipelines, not to --pipeline promote")
+        enable_tracking(config)
     if pipeline_name == "promote":
         # Set directly, not through --set's YAML parsing: a model called "123" stays a string.
         promotion = config.setdefault("parameters", {}).setdefault("promotion", {})

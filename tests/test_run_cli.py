@@ -327,3 +327,20 @@ def test_pipelines_can_be_snapshotted(e2e):
         assert "ZenML Pro" in result.output
         snapshot = Client().get_snapshot(name)
         assert snapshot.pipeline_spec.input_schema  # typed parameters: the dashboard can render a run form
+
+
+def test_track_turns_on_the_stack_tracker_for_training_and_evaluation():
+    from zenml.config.pipeline_run_configuration import PipelineRunConfiguration
+
+    lora = run.resolve_config("dpo_sdxl", None, "tiny", ())
+    run.enable_tracking(lora)
+    assert lora["steps"]["train_alignment"]["experiment_tracker"] is True
+    assert lora["steps"]["evaluate_alignment"]["experiment_tracker"] is True
+    PipelineRunConfiguration.model_validate(lora)
+
+    full = run.resolve_config("smpo_sdxl", None, None, ())  # the paper's recipe fine-tunes the whole UNet
+    run.enable_tracking(full)
+    assert "train_alignment_full" in full["steps"] and "train_alignment" not in full["steps"]
+
+    result = CliRunner().invoke(run.main, ["--pipeline", "promote", "--model", "m", "--to", "staging", "--track"])
+    assert result.exit_code != 0 and "--track applies to training pipelines" in result.output
