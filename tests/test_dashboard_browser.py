@@ -1,0 +1,330 @@
+"""End to end: the local ZenML dashboard shows a run, its DAG and a cached step.
+
+Starts the local ZenML server (``zenml login --local``) in a private config
+directory, runs ``python run.py --pipeline dpo_sdxl --profile tiny`` twice
+against it (the second run changes beta, so loading, validation and encoding
+come from the cache), then drives headless Chromium like a person would: open
+the dashboard and get past the first-visit account form, open the run from the
+URL run.py printed, see every recorded step and artifact in the DAG, open a
+cached step, a re-run step, the sample grid and the HTML reports. Screenshots
+go to ``outputs/dashboard/`` (``failure.png`` when it fails).
+
+Slow (10-15 min on 2 busy cores, most of it the server start and the two runs)
+and needs Debian's ``chromium`` plus ``playwright`` (``pip install -e
+'.[browser]'``), so it is skipped unless asked for (``-m browser``, or
+``ALIGNMENT_BROWSER_TESTS=1``):
+
+    python -m pytest -m browser tests/test_dashboard_browser.py     # or scripts/dashboard_check.sh
+
+Playwright never downloads a browser here: it drives the system Chromium
+through ``executable_path``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.parse
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+SCREENSHOT_DIR = REPO_ROOT / "outputs" / "dashboard"
+STEPS = ("load_preferences", "validate_preferences", "encode_pairs", "train_alignment", "evaluate_alignment")
+CACHED_ON_RERUN = ("load_preferences", "validate_preferences", "encode_pairs")
+# The DAG the dashboard must draw is whatever the server recorded for the run (see
+# _recorded_steps); these are the parts README points people to, so they must be in it.
+HTML_REPORTS = {"validation_html", "drift_report"}
+CORE_OUTPUTS = {"train_alignment": {"lora_weights"}, "evaluate_alignment": {"eval_report", "sample_grid"}}
+DASHBOARD_RUN_URL = re.compile(r"Dashboard URL for Pipeline Run:\s*(http://\S+/runs/[0-9a-f-]{36})")
+ANSI = re.compile(r"\x1b\[[0-9;]*m")
+USER_DISPLAY_NAME = "Dashboard Check"
+
+pytestmark = [pytest.mark.browser, pytest.mark.timeout(2700)]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _only_when_asked(request):
+    """Skip in the default run (CI: ``python -m pytest -q``); run with ``-m browser``.
+
+    Module-scoped and requested by the server fixture, so the skip comes before
+    any server is started (a function-scoped one would run after module fixtures)."""
+    markexpr = request.config.getoption("markexpr", "") or ""
+    asked = re.search(r"(?<!not )\bbrowser\b", markexpr) is not None or os.environ.get("ALIGNMENT_BROWSER_TESTS") == "1"
+    if not asked:
+        pytest.skip("dashboard browser test: run with `python -m pytest -m browser tests/test_dashboard_browser.py`")
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _zenml_cli() -> str:
+    # The zenml entry point of the interpreter running the tests, not whatever is first on PATH.
+    candidate = Path(sys.executable).with_name("zenml")
+    found = str(candidate) if candidate.is_file() else shutil.which("zenml")
+    if not found:
+        raise RuntimeError(f"no `zenml` command next to {sys.executable} or on PATH: pip install -e .")
+    return found
+
+
+def _run(cmd: list[str], env: dict[str, str], timeout: float, what: str) -> str:
+    started = time.perf_counter()
+    proc = subprocess.run(cmd, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    output = ANSI.sub("", proc.stdout + proc.stderr)
+    print(f"[dashboard test] {what}: {time.perf_counter() - started:.0f} s")
+    if proc.returncode != 0:
+        raise AssertionError(f"{what} failed (exit {proc.returncode}): {' '.join(cmd)}\n{output[-4000:]}")
+    return output
+
+
+def _port_open(port: int) -> bool:
+    with socket.socket() as sock:
+        sock.settimeout(1.0)
+        return sock.connect_ex(("127.0.0.1", port)) == 0
+
+
+@pytest.fixture(scope="module")
+def chromium_path(_only_when_asked) -> str:
+    path = shutil.which("chromium")
+    if path is None:
+        pytest.fail("Debian's chromium is not installed: apt-get install -y chromium")
+    try:
+        import playwright.sync_api  # noqa: F401
+    except ImportError:
+        pytest.fail("playwright is not installed: PLAYWRIGHT_SKIP_BROWSER_DOWNLOAD=1 pip install -e '.[browser]'")
+    return path
+
+
+@pytest.fixture(scope="module")
+def local_server(_only_when_asked, tmp_path_factory):
+    """`zenml login --local` in a private config dir; stopped with `zenml logout --local`."""
+    home = tmp_path_factory.mktemp("dashboard")
+    port = _free_port()
+    env = dict(os.environ)
+    env.update(
+        ZENML_CONFIG_PATH=str(home / "zenml"),
+        ZENML_ANALYTICS_OPT_IN="false",
+        ZENML_AUTO_OPEN_DASHBOARD="false",
+        ZENML_ENABLE_RICH_TRACEBACK="false",
+        # INFO: run.py's output must carry ZenML's "Dashboard URL for Pipeline Run" and
+        # "Using cached version of step" lines (tests/conftest.py sets WARN for the test process).
+        ZENML_LOGGING_VERBOSITY="INFO",
+        HF_HUB_OFFLINE="1",
+        WANDB_MODE="disabled",
+        DVC_NO_ANALYTICS="1",
+        OMP_NUM_THREADS="1",
+        PYTHONUNBUFFERED="1",
+    )
+    zenml = _zenml_cli()
+    pid_file = home / "zenml" / "zen_server" / "daemon" / "service.pid"
+    try:
+        _run([zenml, "login", "--local", "--port", str(port)], env, timeout=600, what="zenml login --local")
+        yield {"url": f"http://127.0.0.1:{port}", "env": env, "home": home}
+    finally:
+        try:
+            _run([zenml, "logout", "--local"], env, timeout=180, what="zenml logout --local")
+        finally:
+            # The daemon is ours (its pid file lives in our private config dir): make sure it is gone.
+            deadline = time.monotonic() + 30
+            while _port_open(port) and time.monotonic() < deadline:
+                time.sleep(1)
+            if _port_open(port) and pid_file.is_file():
+                os.kill(int(pid_file.read_text().strip()), signal.SIGTERM)
+
+
+@pytest.fixture(scope="module")
+def two_runs(local_server):
+    """Two tiny dpo_sdxl runs against the server; the second changes beta only."""
+    tmp = local_server["home"]
+    base = [
+        sys.executable,
+        "run.py",
+        "--pipeline",
+        "dpo_sdxl",
+        "--profile",
+        "tiny",
+        "--set",
+        "parameters.training.max_train_steps=3",
+        "--set",
+        f"parameters.output.checkpoint_root={tmp / 'checkpoints'}",
+    ]
+    first = _run(base, local_server["env"], timeout=1200, what="run.py dpo_sdxl (first run)")
+    second = _run(
+        [*base, "--set", "parameters.training.beta=2500"],
+        local_server["env"],
+        timeout=1200,
+        what="run.py dpo_sdxl (beta changed)",
+    )
+    urls = [DASHBOARD_RUN_URL.search(out) for out in (first, second)]
+    assert all(urls), f"run.py did not print a dashboard URL for the run:\n{second[-3000:]}"
+    for step in CACHED_ON_RERUN:
+        assert f"Using cached version of step {step}" in second, step
+    assert urls[1].group(1).startswith(local_server["url"]), (urls[1].group(1), local_server["url"])
+    return urls[0].group(1), urls[1].group(1)
+
+
+def _recorded_steps(base_url: str, run_url: str) -> dict[str, tuple[str, set[str]]]:
+    """{step name: (status, output artifact names)} of a run, from the server's REST API
+    (the local server runs without authentication)."""
+    run_id = run_url.rsplit("/", 1)[-1]
+    query = urllib.parse.urlencode({"pipeline_run_id": run_id, "size": 100})
+    with urllib.request.urlopen(f"{base_url}/api/v1/steps?{query}", timeout=30) as response:  # noqa: S310 - local server
+        page = json.load(response)
+    assert page["total"] == len(page["items"]), "more steps than one page of the API"
+    return {item["name"]: (item["body"]["status"], set(item["resources"]["outputs"])) for item in page["items"]}
+
+
+def _open_dashboard(page, base_url: str) -> None:
+    """What a person does on a fresh local server: it has no password (NO_AUTH,
+    user `default`), but the first visit asks for account details and a survey,
+    then lands on the onboarding page; the home page greets the user by name."""
+    from playwright.sync_api import expect
+
+    page.goto(base_url + "/")
+    name_field = page.get_by_label("Name")
+    greeting = page.get_by_text(re.compile(rf"^(Hi|Welcome back), {USER_DISPLAY_NAME}$"))
+    expect(name_field.or_(greeting).first).to_be_visible()
+    if name_field.is_visible():
+        name_field.fill(USER_DISPLAY_NAME)
+        page.get_by_role("checkbox", name=re.compile("receive news")).click()
+        page.get_by_role("button", name="Continue").click()
+        page.get_by_text("ML Engineer", exact=True).click()
+        page.get_by_text("My Laptop", exact=True).click()
+        page.get_by_role("button", name="Continue").click()
+        page.get_by_text("Skip this step").click()
+        expect(page.get_by_text("Your ZenML account is now updated")).to_be_visible()
+        page.get_by_role("link", name="Go to Dashboard").click()
+        expect(greeting).to_be_visible()
+    page.goto(base_url + "/")
+    expect(page.get_by_text(f"Welcome back, {USER_DISPLAY_NAME}", exact=True)).to_be_visible()
+
+
+def _detail(sheet, label: str):
+    """The value cell next to a label in the step sheet's details list (<dt>label</dt><dd>value</dd>)."""
+    return sheet.locator("dt", has_text=re.compile(rf"^{label}$")).locator("xpath=following-sibling::dd[1]")
+
+
+def _artifact_node(page, step: str, name: str):
+    """The DAG node of a step's output artifact (test id `rf__node-<step>/outputs/<kind>/<name>`)."""
+    return page.locator(f'[data-testid^="rf__node-{step}/outputs/"][data-testid$="/{name}"]')
+
+
+def _preview_artifact(page, step: str, name: str) -> None:
+    """Click an artifact node of the DAG and load its visualization, as a person would."""
+    _artifact_node(page, step, name).get_by_role("button", name=name).click()
+    sheet = page.get_by_role("dialog")
+    sheet.get_by_role("tab", name="Visualization").click()
+    sheet.get_by_role("button", name="Load Preview").click()
+
+
+def _close_sheet(page) -> None:
+    from playwright.sync_api import expect
+
+    page.keyboard.press("Escape")
+    expect(page.get_by_role("dialog")).to_have_count(0)
+
+
+def test_dashboard_shows_run_dag_and_cached_step(local_server, two_runs, chromium_path):
+    first_url, second_url = two_runs
+    assert first_url != second_url
+    recorded = _recorded_steps(local_server["url"], second_url)
+    for step in STEPS:
+        assert step in recorded, f"the server has no step {step} for {second_url}: {sorted(recorded)}"
+    for step in CACHED_ON_RERUN:
+        assert recorded[step][0] == "cached", (step, recorded[step])
+    assert recorded["train_alignment"][0] == "completed", recorded["train_alignment"]
+    for step, outputs in CORE_OUTPUTS.items():
+        assert outputs <= recorded[step][1], (step, recorded[step][1])
+    check_dashboard(local_server["url"], second_url, chromium_path, recorded)
+
+
+def check_dashboard(base_url: str, run_url: str, chromium_path: str, recorded: dict[str, tuple[str, set[str]]]) -> None:
+    """Drive the dashboard of a running server. `run_url` is a run whose load_preferences
+    step was cached and whose train_alignment ran; `recorded` is its steps (_recorded_steps)."""
+    from playwright.sync_api import expect, sync_playwright
+
+    SCREENSHOT_DIR.mkdir(parents=True, exist_ok=True)
+    for old in SCREENSHOT_DIR.glob("*.png"):
+        old.unlink()
+
+    with sync_playwright() as pw:
+        # --disable-3d-apis: the first-visit survey page animates a WebGL background;
+        # under software GL on a busy 2-core box it starves the page's main thread.
+        browser = pw.chromium.launch(executable_path=chromium_path, args=["--disable-3d-apis"])
+        page = browser.new_page(viewport={"width": 1600, "height": 1000})
+        try:
+            page.set_default_timeout(60_000)
+            expect.set_options(timeout=60_000)
+            # Offline: avatars, changelog and template thumbnails come from the internet;
+            # refuse them at once instead of letting each request hang.
+            page.route(
+                "**/*", lambda route: route.continue_() if route.request.url.startswith(base_url) else route.abort()
+            )
+
+            _open_dashboard(page, base_url)
+            page.screenshot(path=str(SCREENSHOT_DIR / "01_home.png"))
+
+            page.goto(run_url)
+            expect(page.get_by_text(re.compile(r"#\d+-dpo_sdxl-")).first).to_be_visible()
+            # Every step and every output artifact the server recorded is a node of the DAG.
+            # The DAG is laid out client side; on 2 busy cores this takes tens of seconds.
+            expect(page.get_by_test_id(f"rf__node-step/{STEPS[0]}")).to_be_visible(timeout=120_000)
+            for step, (_status, outputs) in recorded.items():
+                expect(page.get_by_test_id(f"rf__node-step/{step}")).to_be_visible()
+                for output in outputs:
+                    expect(_artifact_node(page, step, output)).to_be_visible()
+            page.screenshot(path=str(SCREENSHOT_DIR / "02_run_dag.png"))
+
+            page.get_by_test_id("rf__node-step/load_preferences").get_by_role("button", name="load_preferences").click()
+            sheet = page.get_by_role("dialog")
+            expect(sheet.get_by_role("heading", name="load_preferences")).to_be_visible()
+            expect(sheet.get_by_text("Cache key")).to_be_visible()
+            expect(_detail(sheet, "Status")).to_have_text(re.compile(r"^\s*cached\s*$", re.IGNORECASE))
+            page.screenshot(path=str(SCREENSHOT_DIR / "03_cached_step.png"))
+            _close_sheet(page)
+
+            # train_alignment ran again (beta changed): the dashboard must not call it cached.
+            page.get_by_test_id("rf__node-step/train_alignment").get_by_role("button", name="train_alignment").click()
+            sheet = page.get_by_role("dialog")
+            expect(sheet.get_by_role("heading", name="train_alignment")).to_be_visible()
+            expect(_detail(sheet, "Status")).to_have_text(re.compile(r"^\s*Completed\s*$", re.IGNORECASE))
+            _close_sheet(page)
+
+            _preview_artifact(page, "evaluate_alignment", "sample_grid")
+            expect(page.get_by_role("dialog").locator('img[src^="data:image/png"]')).to_be_visible()
+            page.screenshot(path=str(SCREENSHOT_DIR / "04_sample_grid.png"))
+            shots = ["01_home", "02_run_dag", "03_cached_step", "04_sample_grid"]
+
+            # HTML reports (validation, drift) render in a frame, wherever the pipeline made them.
+            for step, (_status, outputs) in recorded.items():
+                for report in sorted(outputs & HTML_REPORTS):
+                    _close_sheet(page)
+                    _preview_artifact(page, step, report)
+                    expect(page.get_by_role("dialog").locator("iframe")).to_be_visible()
+                    expect(page.get_by_role("dialog").frame_locator("iframe").locator("body")).to_have_text(
+                        re.compile(r"\w{3}")
+                    )
+                    shots.append(f"05_{report}")
+                    page.screenshot(path=str(SCREENSHOT_DIR / f"{shots[-1]}.png"))
+        except Exception:
+            # What the browser showed when it failed, for the person reading the error.
+            page.screenshot(path=str(SCREENSHOT_DIR / "failure.png"))
+            print(f"[dashboard test] failed at {page.url}; screenshot {SCREENSHOT_DIR / 'failure.png'}")
+            raise
+        finally:
+            browser.close()
+
+    for shot in shots:
+        assert (SCREENSHOT_DIR / f"{shot}.png").stat().st_size > 10_000, shot
