@@ -4,16 +4,22 @@ Samples are paired: for every (prompt, seed) the base and the aligned model
 start from the same initial noise, so a win is a per-sample comparison, not a
 comparison of two averages. The win rate's confidence interval is a bootstrap
 over *prompts* (the seeds of one prompt are not independent evidence).
+
+Every evaluation can also keep its per-image rows (prompt, seed, reward, image
+embedding) for both models; the reports (``alignment.reports``) compare models
+from those rows instead of sampling the same images again.
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import torch
 from diffusers import UNet2DConditionModel
 from PIL import Image, ImageDraw
@@ -21,6 +27,8 @@ from tqdm.auto import tqdm
 
 from alignment.config import EvalConfig
 from alignment.models import LORA_WEIGHTS_FILE, DiffusionComponents
+
+logger = logging.getLogger(__name__)
 
 # reward_fn(images, prompts) -> float tensor [N]; higher is better.
 RewardFn = Callable[[list[Image.Image], list[str]], torch.Tensor]
@@ -94,7 +102,9 @@ def sample_images(
     images: list[Image.Image] = []
     for start in tqdm(range(0, len(prompts), config.batch_size), desc=desc, disable=not show_progress):
         chunk_prompts = list(prompts[start : start + config.batch_size])
-        generators = [torch.Generator(device="cpu").manual_seed(int(s)) for s in seeds[start : start + config.batch_size]]
+        generators = [
+            torch.Generator(device="cpu").manual_seed(int(s)) for s in seeds[start : start + config.batch_size]
+        ]
         kwargs = {"height": size, "width": size} if size else {}
         out = pipeline(
             chunk_prompts,
@@ -167,6 +177,13 @@ def sample_grid(
     return grid
 
 
+def evaluation_grid(prompts: Sequence[str], seeds_per_prompt: int, seed_offset: int = 0) -> tuple[list[str], list[int]]:
+    """The flat (prompt, seed) grid every model is sampled on: prompt-major, seeds ``seed_offset + 0..k-1``."""
+    flat_prompts = [p for p in prompts for _ in range(seeds_per_prompt)]
+    flat_seeds = [seed_offset + s for _ in prompts for s in range(seeds_per_prompt)]
+    return flat_prompts, flat_seeds
+
+
 def evaluate_against_base(
     components: DiffusionComponents,
     weights_dir: str | Path | None,
@@ -186,18 +203,57 @@ def evaluate_against_base(
     Returns:
         The report, and the base and aligned images in (prompt, seed) order.
     """
-    flat_prompts = [p for p in prompts for _ in range(seeds_per_prompt)]
-    flat_seeds = [seed_offset + s for _ in prompts for s in range(seeds_per_prompt)]
+    result = _sample_and_score_pair(
+        components, weights_dir, prompts, seeds_per_prompt, reward_fn, config, seed_offset, show_progress
+    )
+    return result.report, result.base_images, result.aligned_images
+
+
+@dataclass
+class EvalResult:
+    """Everything one evaluation produced, per image and in summary.
+
+    Attributes:
+        report: The headline numbers.
+        base_images, aligned_images: The samples, in (prompt, seed) order.
+        prompts, seeds: The flat (prompt, seed) grid, one entry per image.
+        base_rewards, aligned_rewards: Per-image rewards, or None without a scorer.
+        samples: Per-image rows of both models (see :func:`samples_frame`), when asked for.
+    """
+
+    report: EvalReport
+    base_images: list[Image.Image]
+    aligned_images: list[Image.Image]
+    prompts: list[str]
+    seeds: list[int]
+    base_rewards: np.ndarray | None
+    aligned_rewards: np.ndarray | None
+    samples: pd.DataFrame | None = None
+
+
+def _sample_and_score_pair(
+    components: DiffusionComponents,
+    weights_dir: str | Path | None,
+    prompts: Sequence[str],
+    seeds_per_prompt: int,
+    reward_fn: RewardFn | None,
+    config: SamplingConfig,
+    seed_offset: int,
+    show_progress: bool,
+) -> EvalResult:
+    flat_prompts, flat_seeds = evaluation_grid(prompts, seeds_per_prompt, seed_offset)
     pipeline = components.to_pipeline()
     pipeline.set_progress_bar_config(disable=True)
-    base_images = sample_images(pipeline, flat_prompts, flat_seeds, config, desc="sampling base", show_progress=show_progress)
+    base_images = sample_images(
+        pipeline, flat_prompts, flat_seeds, config, desc="sampling base", show_progress=show_progress
+    )
     with aligned_weights(pipeline, weights_dir):
         aligned_images = sample_images(
             pipeline, flat_prompts, flat_seeds, config, desc="sampling aligned", show_progress=show_progress
         )
     if reward_fn is None:
         report = EvalReport(None, None, None, None, len(flat_prompts), len(prompts), seeds_per_prompt)
-        return report, base_images, aligned_images
+        return EvalResult(report, base_images, aligned_images, flat_prompts, flat_seeds, None, None)
     base_rewards = reward_fn(base_images, flat_prompts).float().cpu().numpy()
     aligned_rewards = reward_fn(aligned_images, flat_prompts).float().cpu().numpy()
     win_rate, ci = paired_win_rate(aligned_rewards, base_rewards, flat_prompts)
@@ -210,7 +266,113 @@ def evaluate_against_base(
         prompts=len(prompts),
         seeds_per_prompt=seeds_per_prompt,
     )
-    return report, base_images, aligned_images
+    return EvalResult(report, base_images, aligned_images, flat_prompts, flat_seeds, base_rewards, aligned_rewards)
+
+
+# --------------------------------------------------------------------------- per-image records
+
+# Per-image rows of an evaluation (the ``eval_samples`` artifact), what the drift
+# and later reports read instead of sampling the same images again.
+MODEL_COLUMN = "model"
+BASE_LABEL = "base"
+ALIGNED_LABEL = "aligned"
+EMBEDDING_SOURCE_COLUMN = "embedding"
+EMBEDDING_PREFIX = "emb_"
+PIXEL_EMBEDDING_SIDE = 8
+PIXEL_EMBEDDING = f"pixels_{PIXEL_EMBEDDING_SIDE}x{PIXEL_EMBEDDING_SIDE}"
+
+# images -> float [N, D] embeddings
+ImageEmbedFn = Callable[[list[Image.Image]], np.ndarray]
+
+
+def pixel_embeddings(images: Sequence[Image.Image], side: int = PIXEL_EMBEDDING_SIDE) -> np.ndarray:
+    """A fixed embedding for scorers without an image tower: RGB pixels box-downsampled to ``side`` x ``side``.
+
+    It knows nothing of content, only of layout and colour, but it is the same
+    function for every model and run, so its drift is comparable.
+    """
+    if not images:
+        return np.zeros((0, 3 * side * side), dtype=np.float32)
+    rows = [
+        np.asarray(image.convert("RGB").resize((side, side), Image.Resampling.BOX), dtype=np.float32).reshape(-1)
+        / 255.0
+        for image in images
+    ]
+    return np.stack(rows)
+
+
+def scorer_embedder(scorer) -> tuple[str, ImageEmbedFn]:
+    """The scorer's own image embeddings where it has them, else the fixed pixel embedding.
+
+    Args:
+        scorer: A reward scorer (``alignment.rewards.RewardScorer`` or the toy
+            world's ``ToyRewardScorer``).
+
+    Returns:
+        The embedding's name (the scorer's name, or ``pixels_8x8``) and the function.
+    """
+    has_embeddings = getattr(scorer, "has_image_embeddings", hasattr(scorer, "image_embeddings"))
+    if not has_embeddings:
+        return PIXEL_EMBEDDING, pixel_embeddings
+    return scorer.name, lambda images: scorer.image_embeddings(images).float().cpu().numpy()
+
+
+def image_embedder(scorer_name: str) -> tuple[str, ImageEmbedFn]:
+    """The image embedding that goes with an evaluation scorer.
+
+    The toy oracle is a classifier with no embedding space, so the toy world's
+    CLIP-style learned reward model (``toy_reward``) embeds its images (the
+    pixel embedding when that model is not on disk); with no scorer the fixed
+    pixel embedding does; any other name is a registered
+    reward scorer whose own image tower is used when it has one.
+    """
+    if scorer_name == "none":
+        return PIXEL_EMBEDDING, pixel_embeddings
+    from alignment.rewards import TOY_REWARD, load_scorer
+
+    if scorer_name == "toy_oracle":
+        try:
+            return scorer_embedder(load_scorer(TOY_REWARD))
+        except FileNotFoundError as error:
+            # The embedding only serves the reports; the oracle's evaluation does not need it.
+            logger.warning("no toy reward model to embed images with (%s); using %s instead", error, PIXEL_EMBEDDING)
+            return PIXEL_EMBEDDING, pixel_embeddings
+    return scorer_embedder(load_scorer(scorer_name))
+
+
+def samples_frame(
+    label: str,
+    prompts: Sequence[str],
+    seeds: Sequence[int],
+    rewards: np.ndarray | None,
+    embeddings: np.ndarray,
+    embedding_source: str,
+) -> pd.DataFrame:
+    """Per-image rows of one model: ``model, prompt, seed, reward, embedding, emb_000 ...``.
+
+    ``reward`` is NaN when no scorer was configured.
+    """
+    count = len(prompts)
+    embeddings = np.asarray(embeddings, dtype=np.float32)
+    if len(seeds) != count or embeddings.ndim != 2 or embeddings.shape[0] != count:
+        raise ValueError(
+            f"{label}: got {count} prompts, {len(seeds)} seeds and embeddings of shape {embeddings.shape}; "
+            "expected one seed and one embedding row per prompt"
+        )
+    if rewards is not None and len(rewards) != count:
+        raise ValueError(f"{label}: got {len(rewards)} rewards for {count} images")
+    frame = pd.DataFrame(
+        {
+            MODEL_COLUMN: label,
+            "prompt": list(prompts),
+            "seed": np.asarray(seeds, dtype=np.int64),
+            "reward": np.full(count, np.nan) if rewards is None else np.asarray(rewards, dtype=np.float64),
+            EMBEDDING_SOURCE_COLUMN: embedding_source,
+        }
+    )
+    width = max(3, len(str(embeddings.shape[1] - 1)))
+    columns = [f"{EMBEDDING_PREFIX}{i:0{width}d}" for i in range(embeddings.shape[1])]
+    return pd.concat([frame, pd.DataFrame(embeddings, columns=columns)], axis=1)
 
 
 def toy_oracle_reward_fn() -> RewardFn:
@@ -221,6 +383,76 @@ def toy_oracle_reward_fn() -> RewardFn:
     return lambda images, prompts: oracle.score(images, prompts).reward
 
 
+def reward_function(scorer_name: str) -> RewardFn | None:
+    """The reward an ``EvalConfig.scorer`` names; None for ``"none"``."""
+    if scorer_name == "toy_oracle":
+        return toy_oracle_reward_fn()
+    if scorer_name == "none":
+        return None
+    raise ValueError(f"evaluation.scorer {scorer_name!r} is not one of 'toy_oracle', 'none'")
+
+
+def sampling_config(evaluation: EvalConfig, resolution: int) -> SamplingConfig:
+    return SamplingConfig(
+        num_inference_steps=evaluation.num_inference_steps,
+        guidance_scale=evaluation.guidance_scale,
+        batch_size=evaluation.batch_size,
+        resolution=resolution,
+    )
+
+
+def evaluate_config(
+    components: DiffusionComponents,
+    weights_dir: str | Path | None,
+    evaluation: EvalConfig,
+    resolution: int,
+    *,
+    show_progress: bool = True,
+    with_samples: bool = True,
+) -> EvalResult:
+    """``evaluate_against_base`` as configured by an ``EvalConfig`` (what the step and benchmarks run).
+
+    With the toy oracle the report also carries the share of samples whose
+    four attributes are all right (``all_correct_rate`` / ``_base``). With
+    ``with_samples`` the result carries the per-image rows of both models
+    (rewards and image embeddings, see :func:`samples_frame`).
+    """
+    prompts = evaluation.prompt_list()
+    result = _sample_and_score_pair(
+        components,
+        weights_dir,
+        prompts,
+        evaluation.seeds_per_prompt,
+        reward_function(evaluation.scorer),
+        sampling_config(evaluation, resolution),
+        evaluation.seed_offset,
+        show_progress,
+    )
+    report = result.report
+    if evaluation.scorer == "toy_oracle":
+        from alignment.toyworld.oracle import Oracle
+
+        oracle = Oracle.load()
+        for suffix, images in (("", result.aligned_images), ("_base", result.base_images)):
+            scores = oracle.score(images, result.prompts)
+            report.extra[f"all_correct_rate{suffix}"] = float(scores.all_correct.float().mean())
+            for attribute, correct in scores.attribute_correct.items():
+                report.extra[f"{attribute}_correct_rate{suffix}"] = float(correct.float().mean())
+    if with_samples:
+        source, embed = image_embedder(evaluation.scorer)
+        result.samples = pd.concat(
+            [
+                samples_frame(label, result.prompts, result.seeds, rewards, embed(images), source)
+                for label, rewards, images in (
+                    (BASE_LABEL, result.base_rewards, result.base_images),
+                    (ALIGNED_LABEL, result.aligned_rewards, result.aligned_images),
+                )
+            ],
+            ignore_index=True,
+        )
+    return result
+
+
 def evaluate_with_config(
     components: DiffusionComponents,
     weights_dir: str | Path | None,
@@ -229,37 +461,40 @@ def evaluate_with_config(
     *,
     show_progress: bool = True,
 ) -> tuple[EvalReport, list[Image.Image], list[Image.Image]]:
-    """``evaluate_against_base`` as configured by an ``EvalConfig`` (what the step and benchmarks run).
+    """:func:`evaluate_config` without the per-image rows: the report, the base and the aligned images."""
+    result = evaluate_config(
+        components, weights_dir, evaluation, resolution, show_progress=show_progress, with_samples=False
+    )
+    return result.report, result.base_images, result.aligned_images
 
-    With the toy oracle the report also carries the share of samples whose
-    four attributes are all right (``all_correct_rate`` / ``_base``).
+
+def sample_model_frame(
+    components: DiffusionComponents,
+    weights_dir: str | Path | None,
+    evaluation: EvalConfig,
+    resolution: int,
+    label: str,
+    *,
+    show_progress: bool = True,
+) -> pd.DataFrame:
+    """Per-image rows of one model on the evaluation grid (e.g. the production version a candidate is compared with).
+
+    Same prompts, seeds, sampler, scorer and embedding as :func:`evaluate_config`,
+    so its rows line up with an ``eval_samples`` frame row for row.
     """
-    prompts = evaluation.prompt_list()
-    sampling = SamplingConfig(
-        num_inference_steps=evaluation.num_inference_steps,
-        guidance_scale=evaluation.guidance_scale,
-        batch_size=evaluation.batch_size,
-        resolution=resolution,
-    )
-    reward_fn = toy_oracle_reward_fn() if evaluation.scorer == "toy_oracle" else None
-    report, base_images, aligned_images = evaluate_against_base(
-        components,
-        weights_dir,
-        prompts,
-        evaluation.seeds_per_prompt,
-        reward_fn,
-        sampling,
-        seed_offset=evaluation.seed_offset,
-        show_progress=show_progress,
-    )
-    if evaluation.scorer == "toy_oracle":
-        from alignment.toyworld.oracle import Oracle
-
-        oracle = Oracle.load()
-        flat_prompts = [p for p in prompts for _ in range(evaluation.seeds_per_prompt)]
-        for suffix, images in (("", aligned_images), ("_base", base_images)):
-            scores = oracle.score(images, flat_prompts)
-            report.extra[f"all_correct_rate{suffix}"] = float(scores.all_correct.float().mean())
-            for attribute, correct in scores.attribute_correct.items():
-                report.extra[f"{attribute}_correct_rate{suffix}"] = float(correct.float().mean())
-    return report, base_images, aligned_images
+    prompts, seeds = evaluation_grid(evaluation.prompt_list(), evaluation.seeds_per_prompt, evaluation.seed_offset)
+    pipeline = components.to_pipeline()
+    pipeline.set_progress_bar_config(disable=True)
+    with aligned_weights(pipeline, weights_dir):
+        images = sample_images(
+            pipeline,
+            prompts,
+            seeds,
+            sampling_config(evaluation, resolution),
+            desc=f"sampling {label}",
+            show_progress=show_progress,
+        )
+    reward_fn = reward_function(evaluation.scorer)
+    rewards = None if reward_fn is None else reward_fn(images, prompts).float().cpu().numpy()
+    source, embed = image_embedder(evaluation.scorer)
+    return samples_frame(label, prompts, seeds, rewards, embed(images), source)

@@ -2,7 +2,7 @@
 
     load_preferences -> validate_preferences -> encode_pairs
         [SmPO: -> score_rewards -> smooth_preferences -> (invert_pairs, cached mode)]
-        -> train_alignment[_full] -> evaluate_alignment
+        -> train_alignment[_full] -> evaluate_alignment -> report_drift (vs production, else base)
 
 Each pipeline registers a ZenML Model of its own name (set in its config), and
 every artifact it produces is linked to that model's new version.
@@ -19,8 +19,10 @@ from alignment.train import TrainConfig
 from steps import (
     encode_pairs,
     evaluate_alignment,
+    find_drift_reference,
     invert_pairs,
     load_preferences,
+    report_drift,
     score_rewards,
     smooth_preferences,
     train_alignment,
@@ -61,7 +63,10 @@ def _train_and_evaluate(
         soft_labels=soft_labels,
         inversion_cache=inversion_cache,
     )
-    evaluate_alignment(weights=weights, model=model, evaluation=evaluation)
+    _report, _grid, samples = evaluate_alignment(weights=weights, model=model, evaluation=evaluation)
+    # Reports reuse evaluation's per-image rows; the style-alignment report (alignment.reports.STYLE_REPORT)
+    # joins here as a sibling of report_drift when its scorer lands.
+    report_drift(eval_samples=samples, reference=find_drift_reference(), model=model, evaluation=evaluation)
 
 
 def _baseline(name, arch, method, data, model, training, validation, encoding, output, evaluation) -> None:

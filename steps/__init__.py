@@ -2,8 +2,10 @@
 
 from steps.encode_pairs import encode_pairs
 from steps.evaluate_alignment import evaluate_alignment
+from steps.find_drift_reference import find_drift_reference
 from steps.invert_pairs import invert_pairs
 from steps.load_preferences import load_preferences
+from steps.report_drift import report_drift
 from steps.score_rewards import score_rewards
 from steps.smooth_preferences import smooth_preferences
 from steps.train_alignment import train_alignment
@@ -13,8 +15,10 @@ from steps.validate_preferences import validate_preferences
 __all__ = [
     "encode_pairs",
     "evaluate_alignment",
+    "find_drift_reference",
     "invert_pairs",
     "load_preferences",
+    "report_drift",
     "score_rewards",
     "smooth_preferences",
     "train_alignment",

@@ -5,12 +5,13 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated
 
+import pandas as pd
 from PIL import Image
 from zenml import ArtifactConfig, log_metadata, step
 
 import alignment.evaluate
 from alignment.config import EvalConfig
-from alignment.evaluate import evaluate_with_config, sample_grid
+from alignment.evaluate import evaluate_config, sample_grid
 from alignment.models import ModelSpec, load_components
 from steps import tracking
 from steps.caching import cache_on
@@ -24,6 +25,7 @@ def evaluate_alignment(
 ) -> tuple[
     Annotated[dict, ArtifactConfig(name="eval_report")],
     Annotated[Image.Image, ArtifactConfig(name="sample_grid")],
+    Annotated[pd.DataFrame, ArtifactConfig(name="eval_samples")],
 ]:
     """Sample held-out prompts with fixed seeds from base and aligned model; score and compare.
 
@@ -34,10 +36,13 @@ def evaluate_alignment(
 
     Returns:
         The report (``win_rate_vs_base``, ``win_rate_ci95``, ``oracle_reward_mean``,
-        ``oracle_reward_base_mean``, ...) and a picture: base row above aligned row.
+        ``oracle_reward_base_mean``, ...), a picture (base row above aligned row) and
+        the per-image rows of both models (prompt, seed, reward, image embedding),
+        which the reports read instead of sampling the same images again.
     """
     components = load_components(model)
-    report, base_images, aligned_images = evaluate_with_config(components, weights, evaluation, model.resolution)
+    result = evaluate_config(components, weights, evaluation, model.resolution)
+    report, base_images, aligned_images = result.report, result.base_images, result.aligned_images
     # One column per prompt at its first seed: base and aligned start from the same noise.
     first_seed = slice(None, None, evaluation.seeds_per_prompt)
     grid = sample_grid(
@@ -46,4 +51,5 @@ def evaluate_alignment(
     summary = {**report.to_dict(), "scorer": evaluation.scorer}
     log_metadata({"evaluation": summary}, infer_model=True)
     tracking.log_evaluation(summary, grid, caption="top row: base model, bottom row: aligned model")
-    return summary, grid
+    samples = result.samples
+    return summary, grid, samples
