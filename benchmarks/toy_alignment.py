@@ -61,9 +61,10 @@ METHODS = ("dpo", "sft", "smpo_online", "smpo_cached")
 
 
 def profile_parameters(method: str, overrides: list[str]) -> dict:
-    """The toy profile's parameters of ``<method>_sdxl``; ``smpo_cached`` switches the inversion mode."""
+    """The toy profile's parameters of ``<method>_sdxl``; ``smpo_online`` / ``smpo_cached`` set the inversion mode."""
     pipeline_method = method.split("_")[0]
-    extra = ("parameters.training.inversion.mode=cached",) if method == "smpo_cached" else ()
+    modes = {"smpo_online": "online", "smpo_cached": "cached"}
+    extra = (f"parameters.training.inversion.mode={modes[method]}",) if method in modes else ()
     assignments = extra + tuple(f"parameters.{o}" for o in overrides)
     config = run.resolve_config(f"{pipeline_method}_sdxl", None, "toy", assignments)
     return config["parameters"]
