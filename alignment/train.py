@@ -65,12 +65,20 @@ class InversionSettings(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     mode: Literal["online", "cached"] = Field(
-        "online", description="online: invert with the current policy every step (the paper); cached: once, with the reference"
+        "online",
+        description="online: invert with the current policy every step (the paper); cached: once, with the reference",
     )
     grid_steps: int = Field(10, ge=1, description="inversion grid: 10 for SDXL, 5 for SD 1.5 in the SmPO scripts")
     renoise_iterations: int = Field(1, ge=0, description="0 = plain DDIM inversion (DDIM-InPO)")
     eta: float = Field(0.0, ge=0, description="DDIM-InPO's stochastic term after each step")
     min_steps: int = Field(1, ge=0)
+    timesteps_per_pair: int = Field(
+        1,
+        ge=1,
+        description="cached mode: timesteps inverted per pair; each visit of a pair draws one of them. "
+        "With 1, every epoch sees a pair at the same noise level (measured on the toy world: worse than the base "
+        "model); more restores some of online mode's noise-level diversity at K x the cache size and inversion time",
+    )
 
     def to_config(self):
         from alignment.inversion import InversionConfig
@@ -111,8 +119,10 @@ class TrainConfig(BaseModel):
     caption_dropout: float = Field(0.2, ge=0, le=1, description="share of captions replaced by ''")
     mixed_precision: Literal["no", "fp16", "bf16"] = "no"
     num_processes: int = Field(
-        1, ge=1, description="data-parallel workers (GPUs, or CPU processes with gloo); the global batch is "
-        "train_batch_size x num_processes x gradient_accumulation_steps. >1 runs through alignment.launch"
+        1,
+        ge=1,
+        description="data-parallel workers (GPUs, or CPU processes with gloo); the global batch is "
+        "train_batch_size x num_processes x gradient_accumulation_steps. >1 runs through alignment.launch",
     )
     gradient_checkpointing: bool = False
     checkpointing_steps: int = Field(500, ge=1)
@@ -242,10 +252,13 @@ def gather_batch(
     dtype: torch.dtype,
     labels: PairLabels | None = None,
     inversion_cache=None,
+    cache_slot: torch.Tensor | None = None,
 ) -> PairBatch:
     """Select pairs, apply caption dropout (the empty-prompt encoding) and label swaps.
 
-    ``inversion_cache`` rows are the N winners then the N losers of ``encoded``.
+    ``inversion_cache`` rows come in K blocks (one per cached timestep of a
+    pair), each the N winners then the N losers of ``encoded``;
+    ``cache_slot[i]`` picks the block of the i-th selected pair (block 0 when None).
     """
     index = torch.tensor(indices, dtype=torch.int64)
     prompt_rows = encoded.prompt_index[index]
@@ -279,7 +292,8 @@ def gather_batch(
                 inversion_cache.timesteps[at].to(device),
             )
 
-        batch.cached_w, batch.cached_l = rows(index), rows(index + n)
+        block = 0 if cache_slot is None else cache_slot.to(torch.int64) * (2 * n)
+        batch.cached_w, batch.cached_l = rows(index + block), rows(index + n + block)
     if labels is not None:
         batch.soft_label = labels.soft_label[index].to(device)
         swap = labels.swap[index].to(device)
@@ -380,16 +394,18 @@ class PreferenceTrainer:
         if config.inversion is not None and config.inversion.mode == "cached":
             if inversion_cache is None:
                 raise ValueError("inversion.mode 'cached' needs the inversion cache of the reference model")
-            if len(inversion_cache) != 2 * len(encoded):
+            slots = config.inversion.timesteps_per_pair
+            if len(inversion_cache) != 2 * len(encoded) * slots:
                 raise ValueError(
-                    f"the inversion cache has {len(inversion_cache)} rows; expected 2 x {len(encoded)} (winners, losers)"
+                    f"the inversion cache has {len(inversion_cache)} rows; expected {slots} timestep(s) per pair"
+                    f" x 2 x {len(encoded)} pairs (winners, losers): was it built with other inversion settings?"
                 )
         self.labels = labels
-        self.inversion_cache = inversion_cache if config.inversion is not None and config.inversion.mode == "cached" else None
+        self.inversion_cache = (
+            inversion_cache if config.inversion is not None and config.inversion.mode == "cached" else None
+        )
         if components.arch != encoded.arch:
-            raise ValueError(
-                f"the encoded pairs were made for {encoded.arch!r} but the model is {components.arch!r}"
-            )
+            raise ValueError(f"the encoded pairs were made for {encoded.arch!r} but the model is {components.arch!r}")
         if len(encoded) == 0:
             raise ValueError("no pairs to train on")
         self.components = components
@@ -416,9 +432,7 @@ class PreferenceTrainer:
 
     @property
     def weight_dtype(self) -> torch.dtype:
-        return {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[
-            self.config.mixed_precision
-        ]
+        return {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[self.config.mixed_precision]
 
     def setup(self) -> None:
         config, accelerator = self.config, self.accelerator
@@ -555,9 +569,24 @@ class PreferenceTrainer:
         global_batch = config.train_batch_size * accelerator.num_processes
         indices = global_batch_indices(len(self.encoded), global_batch, micro_index, config.seed)
         drop = torch.rand(global_batch, generator=_generator(config.seed, micro_index, 1)) < config.caption_dropout
-        mine = slice(accelerator.process_index * config.train_batch_size, (accelerator.process_index + 1) * config.train_batch_size)
+        mine = slice(
+            accelerator.process_index * config.train_batch_size,
+            (accelerator.process_index + 1) * config.train_batch_size,
+        )
+        slot = None
+        if self.inversion_cache is not None:
+            # Which of the pair's cached timesteps this visit uses; drawn for the global batch, like the noise.
+            slots = config.inversion.timesteps_per_pair
+            slot = torch.randint(0, slots, (global_batch,), generator=_generator(config.seed, micro_index, 7))[mine]
         return gather_batch(
-            self.encoded, indices[mine], drop[mine], accelerator.device, self.weight_dtype, self.labels, self.inversion_cache
+            self.encoded,
+            indices[mine],
+            drop[mine],
+            accelerator.device,
+            self.weight_dtype,
+            self.labels,
+            self.inversion_cache,
+            cache_slot=slot,
         )
 
     def _shared_noise(self, micro_index: int, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -571,7 +600,10 @@ class PreferenceTrainer:
             (global_batch,),
             generator=_generator(config.seed, micro_index, 3),
         )
-        mine = slice(accelerator.process_index * config.train_batch_size, (accelerator.process_index + 1) * config.train_batch_size)
+        mine = slice(
+            accelerator.process_index * config.train_batch_size,
+            (accelerator.process_index + 1) * config.train_batch_size,
+        )
         device = accelerator.device
         return noise[mine].to(device=device, dtype=like.dtype), timesteps[mine].to(device)
 
@@ -588,7 +620,9 @@ class PreferenceTrainer:
         timesteps2 = torch.cat([timesteps, timesteps])
         if self.config.inversion is None:
             # Shared t and noise within a pair: the official variance reduction.
-            noisy, target = noisy_latents_and_target(self.noise_scheduler, latents, torch.cat([noise, noise]), timesteps2)
+            noisy, target = noisy_latents_and_target(
+                self.noise_scheduler, latents, torch.cat([noise, noise]), timesteps2
+            )
             return noisy, target, timesteps2
         from alignment.inversion import invert
 
@@ -757,7 +791,9 @@ def train_alignment(
 # the whole job, as the ZenML step runs it
 
 
-def run_fingerprint(encoded: EncodedPairs, model_spec: BaseModel, config: TrainConfig, extra: dict | None = None) -> str:
+def run_fingerprint(
+    encoded: EncodedPairs, model_spec: BaseModel, config: TrainConfig, extra: dict | None = None
+) -> str:
     """Identity of a training run: same data, model and hyper-parameters -> same id.
 
     Checkpoints live under this id, so a killed run resumes from its own
@@ -798,9 +834,10 @@ def build_inversion_cache(
 ):
     """Cached-mode SmPO: invert every winner and loser once with the reference model.
 
-    Rows are the N winners then the N losers. Each pair gets one timestep
-    (drawn from ``config.seed``), shared by its two images, and the
-    inversion is conditioned on the pair's real caption (no dropout).
+    Each pair gets ``inversion.timesteps_per_pair`` (K) timesteps (drawn from
+    ``config.seed``), shared by its two images; rows are K blocks of the N
+    winners then the N losers. The inversion is conditioned on the pair's
+    real caption (no dropout).
     """
     from alignment.inversion import invert_dataset
 
@@ -811,13 +848,15 @@ def build_inversion_cache(
     device = next(unet.parameters()).device
     dtype = next(unet.parameters()).dtype
     n = len(encoded)
+    slots = config.inversion.timesteps_per_pair
     generator = torch.Generator().manual_seed(_derived_seed(config.seed, 0, stream=5))
-    pair_t = torch.randint(0, components.noise_scheduler.config.num_train_timesteps, (n,), generator=generator)
-    latents = torch.cat([encoded.latents_w, encoded.latents_l]).to(device=device, dtype=dtype)
-    pair_of_row = torch.cat([torch.arange(n), torch.arange(n)])
+    # Shape (K, N): with K = 1 the same draw as a single timestep per pair.
+    pair_t = torch.randint(0, components.noise_scheduler.config.num_train_timesteps, (slots, n), generator=generator)
+    latents = torch.cat([encoded.latents_w, encoded.latents_l] * slots).to(device=device, dtype=dtype)
+    pair_of_row = torch.arange(n).repeat(2 * slots)
     time_ids = None
     if encoded.time_ids_w is not None:
-        time_ids = torch.cat([encoded.time_ids_w, encoded.time_ids_l])
+        time_ids = torch.cat([encoded.time_ids_w, encoded.time_ids_l] * slots)
 
     def conditioned_on(rows: torch.Tensor):
         prompt_rows = encoded.prompt_index[pair_of_row[rows]]
@@ -836,7 +875,7 @@ def build_inversion_cache(
         cache = invert_dataset(
             conditioned_on,
             latents,
-            torch.cat([pair_t, pair_t]),
+            torch.cat([torch.cat([block, block]) for block in pair_t]),
             components.noise_scheduler.config,
             config.inversion.to_config(),
             batch_size,
@@ -844,5 +883,6 @@ def build_inversion_cache(
             show_progress=show_progress,
         )
     cache.metadata["pairs"] = n
+    cache.metadata["timesteps_per_pair"] = slots
     cache.metadata["seed"] = config.seed
     return cache

@@ -73,7 +73,9 @@ def test_first_dpo_step_sees_an_exact_reference(tmp_path, sdxl_pairs):
     # LoRA starts with B = 0, so before the first update policy == reference:
     # the loss is exactly log 2 and policy and reference errors coincide.
     components = build_tiny_components("sdxl", seed=0)
-    result = train_alignment(components, sdxl_pairs, tiny_config(max_train_steps=1), checkpoint_dir=tmp_path, show_progress=False)
+    result = train_alignment(
+        components, sdxl_pairs, tiny_config(max_train_steps=1), checkpoint_dir=tmp_path, show_progress=False
+    )
     first = result.history[0]
     assert first["loss/dpo"] == pytest.approx(math.log(2.0), abs=1e-6)
     assert first["mse/policy_w"] == pytest.approx(first["mse/ref_w"], abs=1e-7)
@@ -107,7 +109,14 @@ def test_resume_after_a_kill_matches_the_uninterrupted_run(tmp_path, sdxl_pairs)
 
     interrupted = build_tiny_components("sdxl", seed=0)
     with pytest.raises(Killed):
-        train_alignment(interrupted, sdxl_pairs, config, checkpoint_dir=tmp_path / "resumed", on_step_end=kill_at_half, show_progress=False)
+        train_alignment(
+            interrupted,
+            sdxl_pairs,
+            config,
+            checkpoint_dir=tmp_path / "resumed",
+            on_step_end=kill_at_half,
+            show_progress=False,
+        )
     assert [p.name for p in list_checkpoints(tmp_path / "resumed")] == ["checkpoint-000003"]
 
     resumed = build_tiny_components("sdxl", seed=0)
@@ -121,15 +130,35 @@ def test_resume_after_a_kill_matches_the_uninterrupted_run(tmp_path, sdxl_pairs)
 
 def test_checkpoints_of_another_run_are_refused(tmp_path, sdxl_pairs):
     components = build_tiny_components("sdxl", seed=0)
-    train_alignment(components, sdxl_pairs, tiny_config(max_train_steps=2), checkpoint_dir=tmp_path, fingerprint="run-a", show_progress=False)
+    train_alignment(
+        components,
+        sdxl_pairs,
+        tiny_config(max_train_steps=2),
+        checkpoint_dir=tmp_path,
+        fingerprint="run-a",
+        show_progress=False,
+    )
     with pytest.raises(RuntimeError, match="belongs to another run"):
-        train_alignment(build_tiny_components("sdxl", seed=0), sdxl_pairs, tiny_config(max_train_steps=2), checkpoint_dir=tmp_path, fingerprint="run-b", show_progress=False)
+        train_alignment(
+            build_tiny_components("sdxl", seed=0),
+            sdxl_pairs,
+            tiny_config(max_train_steps=2),
+            checkpoint_dir=tmp_path,
+            fingerprint="run-b",
+            show_progress=False,
+        )
 
 
 def test_half_written_checkpoints_are_ignored(tmp_path, sdxl_pairs):
     (tmp_path / ".tmp-checkpoint-000002").mkdir(parents=True)
     (tmp_path / "checkpoint-000009").mkdir()  # no state.json: never completed
-    result = train_alignment(build_tiny_components("sdxl", seed=0), sdxl_pairs, tiny_config(max_train_steps=2), checkpoint_dir=tmp_path, show_progress=False)
+    result = train_alignment(
+        build_tiny_components("sdxl", seed=0),
+        sdxl_pairs,
+        tiny_config(max_train_steps=2),
+        checkpoint_dir=tmp_path,
+        show_progress=False,
+    )
     assert result.resumed_from_step is None
     assert not (tmp_path / ".tmp-checkpoint-000002").exists()
 
@@ -137,7 +166,13 @@ def test_half_written_checkpoints_are_ignored(tmp_path, sdxl_pairs):
 def test_full_finetune_keeps_a_frozen_reference_copy(tmp_path):
     components = build_tiny_components("sd15", seed=1)
     pairs = synthetic_pairs(components)
-    trainer = PreferenceTrainer(components, pairs, tiny_config(finetune="full", max_train_steps=2, learning_rate=1e-4), checkpoint_dir=tmp_path, show_progress=False)
+    trainer = PreferenceTrainer(
+        components,
+        pairs,
+        tiny_config(finetune="full", max_train_steps=2, learning_rate=1e-4),
+        checkpoint_dir=tmp_path,
+        show_progress=False,
+    )
     trainer.setup()
     reference_before = {k: v.clone() for k, v in trainer.reference_unet.state_dict().items()}
     policy_before = trainer.unet.conv_in.weight.detach().clone()
@@ -150,7 +185,9 @@ def test_full_finetune_keeps_a_frozen_reference_copy(tmp_path):
 def test_sft_trains_without_a_reference(tmp_path):
     components = build_tiny_components("sd15", seed=1)
     pairs = synthetic_pairs(components)
-    result = train_alignment(components, pairs, tiny_config(method="sft", max_train_steps=2), checkpoint_dir=tmp_path, show_progress=False)
+    result = train_alignment(
+        components, pairs, tiny_config(method="sft", max_train_steps=2), checkpoint_dir=tmp_path, show_progress=False
+    )
     assert "loss/sft" in result.history[-1] and "loss/dpo" not in result.history[-1]
 
 
@@ -192,7 +229,13 @@ def soft_labels(pairs: EncodedPairs, p: float, swap_every: int = 0):
 
 
 def test_smpo_with_certain_labels_and_gamma_one_is_dpo(tmp_path, sdxl_pairs):
-    dpo = train_alignment(build_tiny_components("sdxl"), sdxl_pairs, tiny_config(max_train_steps=2), checkpoint_dir=tmp_path / "dpo", show_progress=False)
+    dpo = train_alignment(
+        build_tiny_components("sdxl"),
+        sdxl_pairs,
+        tiny_config(max_train_steps=2),
+        checkpoint_dir=tmp_path / "dpo",
+        show_progress=False,
+    )
     smpo = train_alignment(
         build_tiny_components("sdxl"),
         sdxl_pairs,
@@ -208,7 +251,14 @@ def test_smpo_with_certain_labels_and_gamma_one_is_dpo(tmp_path, sdxl_pairs):
 def test_smpo_at_p_one_half_does_not_move_the_lora(tmp_path, sdxl_pairs):
     components = build_tiny_components("sdxl")
     config = tiny_config(method="smpo", max_train_steps=2, weight_decay=0.0)
-    train_alignment(components, sdxl_pairs, config, checkpoint_dir=tmp_path, labels=soft_labels(sdxl_pairs, 0.5), show_progress=False)
+    train_alignment(
+        components,
+        sdxl_pairs,
+        config,
+        checkpoint_dir=tmp_path,
+        labels=soft_labels(sdxl_pairs, 0.5),
+        show_progress=False,
+    )
     ups = [v for k, v in lora_state_dict(components.unet).items() if k.endswith("lora.up.weight")]
     assert all(torch.count_nonzero(v) == 0 for v in ups)
 
@@ -248,4 +298,82 @@ def test_label_swap_exchanges_winner_and_loser(sdxl_pairs):
 
 def test_smpo_without_labels_is_refused(tmp_path, sdxl_pairs):
     with pytest.raises(ValueError, match="soft labels"):
-        PreferenceTrainer(build_tiny_components("sdxl"), sdxl_pairs, tiny_config(method="smpo"), checkpoint_dir=tmp_path)
+        PreferenceTrainer(
+            build_tiny_components("sdxl"), sdxl_pairs, tiny_config(method="smpo"), checkpoint_dir=tmp_path
+        )
+
+
+def test_cached_inversion_with_several_timesteps_per_pair(tmp_path, sdxl_pairs):
+    from alignment.inversion import InversionCache
+    from alignment.train import InversionSettings
+
+    n = len(sdxl_pairs)
+    x0 = torch.cat([sdxl_pairs.latents_w, sdxl_pairs.latents_l])
+    # Block k holds the pairs at timestep 100 * (k + 1).
+    cache = InversionCache(
+        x_t=torch.cat([x0 * 0.5, x0 * 0.25]),
+        timesteps=torch.cat([torch.full((2 * n,), 100), torch.full((2 * n,), 200)]),
+        target=torch.randn(4 * n, *x0.shape[1:]),
+    )
+    batch = gather_batch(
+        sdxl_pairs,
+        [0, 1],
+        torch.tensor([False, False]),
+        torch.device("cpu"),
+        torch.float32,
+        inversion_cache=cache,
+        cache_slot=torch.tensor([1, 0]),
+    )
+    assert batch.cached_w[2].tolist() == [200, 100] and batch.cached_l[2].tolist() == [200, 100]
+    assert torch.equal(batch.cached_l[0][0], cache.x_t[n + 0 + 2 * n])
+
+    inversion = InversionSettings(mode="cached", grid_steps=4, timesteps_per_pair=2)
+    config = tiny_config(method="smpo", max_train_steps=2, inversion=inversion)
+    labels = soft_labels(sdxl_pairs, 0.8)
+    result = train_alignment(
+        build_tiny_components("sdxl"),
+        sdxl_pairs,
+        config,
+        checkpoint_dir=tmp_path / "k2",
+        labels=labels,
+        inversion_cache=cache,
+        show_progress=False,
+    )
+    assert result.final_step == 2 and math.isfinite(result.history[-1]["loss/smpo"])
+    single = tiny_config(method="smpo", max_train_steps=1, inversion=InversionSettings(mode="cached", grid_steps=4))
+    with pytest.raises(ValueError, match="1 timestep"):
+        train_alignment(
+            build_tiny_components("sdxl"),
+            sdxl_pairs,
+            single,
+            checkpoint_dir=tmp_path / "k1",
+            labels=labels,
+            inversion_cache=cache,
+            show_progress=False,
+        )
+
+
+def test_inversion_cache_holds_every_timestep_block(sdxl_pairs):
+    from alignment.train import InversionSettings, build_inversion_cache
+
+    components = build_tiny_components("sdxl")
+    subset = sdxl_pairs
+    one = build_inversion_cache(
+        components,
+        subset,
+        tiny_config(method="smpo", inversion=InversionSettings(mode="cached", grid_steps=2)),
+        show_progress=False,
+    )
+    two = build_inversion_cache(
+        components,
+        subset,
+        tiny_config(method="smpo", inversion=InversionSettings(mode="cached", grid_steps=2, timesteps_per_pair=2)),
+        show_progress=False,
+    )
+    n = len(subset)
+    assert len(one) == 2 * n and len(two) == 4 * n
+    # Block 0 is the single-timestep cache; winners and losers of a pair share their timestep.
+    assert torch.equal(two.timesteps[: 2 * n], one.timesteps)
+    torch.testing.assert_close(two.x_t[: 2 * n], one.x_t)
+    assert torch.equal(two.timesteps[2 * n : 3 * n], two.timesteps[3 * n :])
+    assert two.metadata["timesteps_per_pair"] == 2
