@@ -35,7 +35,7 @@ def smooth_preferences(
         torch.tensor(reward_scores["score_l"]),
         smoothing,
     )
-    log_metadata({f"smoothing/{k}": v for k, v in stats.items()}, infer_artifact=True)
+    log_metadata({f"smoothing/{k}": v for k, v in stats.items()}, artifact_name="soft_labels", infer_artifact=True)
     histogram = soft_label_histogram(labels["soft_label"], stats)
     labels["stats"] = stats
     return labels, histogram
