@@ -58,7 +58,11 @@ def test_first_run_executes_every_step_and_links_artifacts_to_the_model(two_runs
 
     first, _ = two_runs
     assert str(first.status.value) == "completed"
-    for step in ("load_preferences", "validate_preferences", "encode_pairs", "train_alignment", "evaluate_alignment"):
+    # Other test modules may already have loaded and encoded the same tiny data in this
+    # session's store (ZenML's cache is shared across pipelines); training is this run's own.
+    for step in ("load_preferences", "validate_preferences", "encode_pairs"):
+        assert _status(first, step) in ("completed", "cached"), step
+    for step in ("train_alignment", "evaluate_alignment"):
         assert _status(first, step) == "completed", step
     version = Client().get_model_version("dpo_sdxl", first.model_version.number)
     linked = set(version.data_artifact_ids) | set(version.model_artifact_ids)
