@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import json
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -408,17 +408,21 @@ def _byte_to_unicode() -> dict[int, str]:
     return mapping
 
 
-def build_offline_clip_tokenizer(directory: Path | None = None) -> CLIPTokenizer:
-    """Make a real, character-level ``CLIPTokenizer`` without downloading anything.
+def build_offline_clip_tokenizer(
+    directory: Path | None = None, merges: Sequence[tuple[str, str]] = ()
+) -> CLIPTokenizer:
+    """Make a real ``CLIPTokenizer`` without downloading anything.
 
     The vocabulary holds every byte-level character, alone and with CLIP's
-    end-of-word suffix ``</w>``, plus the start and end tokens; there are no
-    merges. Any text therefore tokenizes (one token per byte) with the same
-    code path as the real CLIP tokenizer.
+    end-of-word suffix ``</w>``, then the product of each of ``merges`` (BPE
+    merges in rank order), then the start and end tokens. With no merges any
+    text tokenizes one token per byte, with the same code path as the real
+    CLIP tokenizer.
 
     Args:
         directory: Where to write ``vocab.json`` and ``merges.txt``; a
             temporary directory, removed afterwards, if None.
+        merges: BPE merges, e.g. the ones that spell a small vocabulary's words.
 
     Returns:
         The tokenizer (model_max_length 77, padding with ``<|endoftext|>``).
@@ -426,15 +430,21 @@ def build_offline_clip_tokenizer(directory: Path | None = None) -> CLIPTokenizer
     if directory is None:
         # The tokenizers backend reads the files once, into memory: the directory can go away after.
         with tempfile.TemporaryDirectory(prefix="clip_tokenizer_") as scratch:
-            return build_offline_clip_tokenizer(Path(scratch))
+            return build_offline_clip_tokenizer(Path(scratch), merges)
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     characters = list(_byte_to_unicode().values())
-    tokens = characters + [character + "</w>" for character in characters] + [_BOS_TOKEN, _EOS_TOKEN]
+    tokens = characters + [character + "</w>" for character in characters]
+    known = set(tokens)
+    for left, right in merges:
+        if left + right not in known:
+            tokens.append(left + right)
+            known.add(left + right)
+    tokens += [_BOS_TOKEN, _EOS_TOKEN]
     vocab_file = directory / "vocab.json"
     merges_file = directory / "merges.txt"
     vocab_file.write_text(json.dumps({token: index for index, token in enumerate(tokens)}), encoding="utf-8")
-    merges_file.write_text("#version: 0.2\n", encoding="utf-8")
+    merges_file.write_text("#version: 0.2\n" + "".join(f"{left} {right}\n" for left, right in merges), encoding="utf-8")
     return CLIPTokenizer(
         vocab=str(vocab_file),
         merges=str(merges_file),

@@ -49,7 +49,11 @@ from tqdm.auto import tqdm
 from transformers import CLIPTextConfig, CLIPTokenizer
 
 from alignment.conditioning import PromptEmbeddings, encode_prompts, sdxl_time_ids, unet_added_conditioning
-from alignment.models import DiffusionComponents, _byte_to_unicode, assemble_components
+from alignment.models import (
+    DiffusionComponents,
+    assemble_components,
+    build_offline_clip_tokenizer,
+)
 from alignment.noise import noisy_latents_and_target, per_sample_mse, sample_timesteps
 from alignment.toyworld.render import BACKGROUND_RGB, COLOUR_RGB, IMAGE_SIZE, render_batch
 from alignment.toyworld.world import ATTRIBUTES, VOCABULARY, Scene, parse_prompt, split_scenes
@@ -75,8 +79,6 @@ METADATA_FILE = "toy_base_model.json"
 LATENT_SIZE = IMAGE_SIZE // 2
 """The VAE halves the side once: 32 px renders become 16x16x4 latents."""
 
-_BOS_TOKEN = "<|startoftext|>"
-_EOS_TOKEN = "<|endoftext|>"
 _END_OF_WORD = "</w>"
 _CLIP_MAX_LENGTH = 77
 _TEXT_HIDDEN_SIZE = 32
@@ -140,34 +142,7 @@ def build_toy_tokenizer(directory: Path | None = None) -> CLIPTokenizer:
     Returns:
         The tokenizer (model_max_length 77, padding with ``<|endoftext|>``).
     """
-    if directory is None:
-        # The tokenizers backend reads the files once, into memory: the directory can go away after.
-        with tempfile.TemporaryDirectory(prefix="toy_tokenizer_") as scratch:
-            return build_toy_tokenizer(Path(scratch))
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    characters = list(_byte_to_unicode().values())
-    tokens = characters + [character + _END_OF_WORD for character in characters]
-    merges = _word_merges(sorted(set(VOCABULARY)))
-    known = set(tokens)
-    for left, right in merges:
-        if left + right not in known:
-            tokens.append(left + right)
-            known.add(left + right)
-    tokens += [_BOS_TOKEN, _EOS_TOKEN]
-    vocab_file = directory / "vocab.json"
-    merges_file = directory / "merges.txt"
-    vocab_file.write_text(json.dumps({token: index for index, token in enumerate(tokens)}), encoding="utf-8")
-    merges_file.write_text("#version: 0.2\n" + "".join(f"{left} {right}\n" for left, right in merges), encoding="utf-8")
-    return CLIPTokenizer(
-        vocab=str(vocab_file),
-        merges=str(merges_file),
-        bos_token=_BOS_TOKEN,
-        eos_token=_EOS_TOKEN,
-        unk_token=_EOS_TOKEN,
-        pad_token=_EOS_TOKEN,
-        model_max_length=_CLIP_MAX_LENGTH,
-    )
+    return build_offline_clip_tokenizer(directory, merges=_word_merges(sorted(set(VOCABULARY))))
 
 
 # --------------------------------------------------------------------------------------------
