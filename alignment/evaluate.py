@@ -453,21 +453,6 @@ def evaluate_config(
     return result
 
 
-def evaluate_with_config(
-    components: DiffusionComponents,
-    weights_dir: str | Path | None,
-    evaluation: EvalConfig,
-    resolution: int,
-    *,
-    show_progress: bool = True,
-) -> tuple[EvalReport, list[Image.Image], list[Image.Image]]:
-    """:func:`evaluate_config` without the per-image rows: the report, the base and the aligned images."""
-    result = evaluate_config(
-        components, weights_dir, evaluation, resolution, show_progress=show_progress, with_samples=False
-    )
-    return result.report, result.base_images, result.aligned_images
-
-
 def sample_model_frame(
     components: DiffusionComponents,
     weights_dir: str | Path | None,

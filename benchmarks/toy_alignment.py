@@ -42,7 +42,7 @@ from alignment.config import (  # noqa: E402
 )
 from alignment.data import load_preference_frame, prepare_pairs  # noqa: E402
 from alignment.encoding import encode_pairs  # noqa: E402
-from alignment.evaluate import evaluate_with_config  # noqa: E402
+from alignment.evaluate import evaluate_config  # noqa: E402
 from alignment.models import ModelSpec, load_components  # noqa: E402
 from alignment.rewards.pairs import score_pairs  # noqa: E402
 from alignment.smoothing import SmoothingConfig, smooth_labels  # noqa: E402
@@ -106,7 +106,7 @@ def run_method(
     train_seconds = time.perf_counter() - started
     weights = save_trained_weights(components, training, workdir / f"{method}-weights")
 
-    report, _, _ = evaluate_with_config(load_components(model), weights, evaluation, model.resolution)
+    report = evaluate_config(load_components(model), weights, evaluation, model.resolution, with_samples=False).report
     return {
         "method": method,
         "steps": result.final_step,

@@ -20,7 +20,6 @@ from alignment.evaluate import (
     EMBEDDING_PREFIX,
     PIXEL_EMBEDDING,
     evaluate_config,
-    evaluate_with_config,
     pixel_embeddings,
     sample_model_frame,
     samples_frame,
@@ -270,9 +269,10 @@ def test_evaluation_rows_line_up_with_a_separately_sampled_model(tiny_lora):
     assert np.allclose(again["reward"], aligned["reward"], atol=1e-5)
     assert np.allclose(again[embedding_columns], aligned[embedding_columns], atol=1e-5)
 
-    # The old entry point still returns (report, base images, aligned images).
+    # Without per-image rows: the report and both models' images.
     one = EVAL.model_copy(update={"prompts": prompts[:1], "seeds_per_prompt": 1})
-    report, base_images, aligned_images = evaluate_with_config(components, None, one, 64, show_progress=False)
+    result = evaluate_config(components, None, one, 64, show_progress=False, with_samples=False)
+    report, base_images, aligned_images = result.report, result.base_images, result.aligned_images
     assert report.samples == len(base_images) == len(aligned_images) == 1
 
 
