@@ -61,6 +61,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from alignment.data import decode_image, load_preference_frame, prepare_pairs
+from alignment.rewards.base import match_prompts
 from alignment.toyworld.oracle import DEFAULT_ORACLE_DIR, Oracle
 from alignment.toyworld.render import IMAGE_SIZE, render_batch
 from alignment.toyworld.world import ATTRIBUTES, VOCABULARY, Scene, split_scenes
@@ -332,16 +333,6 @@ class ToyRewardScorer:
         self.model.to(device=self.device, dtype=self.dtype)
         return self
 
-    def _prompt_list(self, prompts: Sequence[str] | str | None, count: int) -> list[str]:
-        if prompts is None:
-            raise ValueError("the toy reward model needs prompts")
-        if isinstance(prompts, str):
-            return [prompts] * count
-        result = list(prompts)
-        if len(result) != count:
-            raise ValueError(f"got {count} images but {len(result)} prompts")
-        return result
-
     def _pixels(self, images: Sequence[Image.Image] | Tensor) -> Tensor:
         return _as_pixels(images, self.model.config["image_size"])
 
@@ -360,7 +351,7 @@ class ToyRewardScorer:
             float32 ``[N]`` on the CPU, ``scale * cos`` (about -scale to +scale).
         """
         pixels = self._pixels(images)
-        texts = self._prompt_list(prompts, pixels.shape[0])
+        texts = match_prompts(prompts, pixels.shape[0])
         scale = self.model.scale().float().cpu()
         parts = []
         for start in range(0, len(texts), self.batch_size):
