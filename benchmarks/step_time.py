@@ -17,8 +17,6 @@ smpo_cached's one-off inversion of the whole dataset is timed separately
 from __future__ import annotations
 
 import argparse
-import json
-import platform
 import statistics
 import sys
 import tempfile
@@ -35,9 +33,8 @@ from alignment.data import load_preference_frame, prepare_pairs  # noqa: E402
 from alignment.encoding import encode_pairs  # noqa: E402
 from alignment.models import ModelSpec, load_components  # noqa: E402
 from alignment.train import TrainConfig, build_inversion_cache, train_alignment  # noqa: E402
-from benchmarks.toy_alignment import profile_parameters, smpo_labels  # noqa: E402
+from benchmarks.toy_alignment import machine, profile_parameters, smpo_labels, write_results  # noqa: E402
 
-RESULTS_DIR = REPO_ROOT / "benchmarks" / "results"
 METHODS = ("dpo", "smpo_online", "smpo_cached", "sft")
 
 
@@ -106,25 +103,28 @@ def main() -> None:
     inversion = params["smpo_online"]["training"]["inversion"]
     table = (
         "| method | median s/step | relative to DPO |\n|---|---|---|\n"
-        + "\n".join(f"| {r['method']} | {r['median_seconds_per_step']:.3f} | {r['relative_to_dpo']:.2f}x |" for r in rows)
+        + "\n".join(
+            f"| {r['method']} | {r['median_seconds_per_step']:.3f} | {r['relative_to_dpo']:.2f}x |" for r in rows
+        )
         + f"\n\nsmpo_cached: one-off inversion of {len(encoded)} pairs: {inversion_seconds:.0f} s "
         f"(ReNoise grid {inversion['grid_steps']}, {inversion['renoise_iterations']} renoise iteration(s)).\n"
     )
     print(table)
-    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
     payload = {
         "rounds": args.rounds,
         "steps_per_round": args.steps,
         "batch": params["dpo"]["training"]["train_batch_size"],
         "inversion": inversion,
         "inversion_cache_seconds": round(inversion_seconds, 1),
-        "machine": {"threads": args.threads, "platform": platform.platform(), "torch": torch.__version__},
+        "machine": machine(),
         "results": rows,
     }
-    (RESULTS_DIR / f"{args.name}.json").write_text(json.dumps(payload, indent=1))
-    (RESULTS_DIR / f"{args.name}.md").write_text(
-        f"# Training step time relative to Diffusion-DPO (toy world)\n\n`python benchmarks/{Path(__file__).name} "
-        f"{' '.join(sys.argv[1:])}`: {args.rounds} interleaved rounds x {args.steps} steps, medians.\n\n" + table
+    write_results(
+        args.name,
+        payload,
+        "Training step time relative to Diffusion-DPO (toy world)",
+        table,
+        f": {args.rounds} interleaved rounds x {args.steps} steps, medians.",
     )
 
 

@@ -123,6 +123,19 @@ def run_method(
     }
 
 
+def machine() -> dict:
+    return {"threads": torch.get_num_threads(), "platform": platform.platform(), "torch": torch.__version__}
+
+
+def write_results(name: str, payload: dict, title: str, table: str, how: str = "") -> None:
+    """``benchmarks/results/<name>.json`` (the payload) and ``<name>.md`` (title, the command line, the table)."""
+    script = Path(sys.argv[0]).name
+    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
+    (RESULTS_DIR / f"{name}.json").write_text(json.dumps(payload, indent=1))
+    command = f"`python benchmarks/{script} {' '.join(sys.argv[1:])}`".replace(" `", "`")
+    (RESULTS_DIR / f"{name}.md").write_text(f"# {title}\n\n{command}{how}\n\n{table}")
+
+
 def format_table(rows: list[dict]) -> str:
     header = (
         "| method | steps | β | train wall time | s/step | s/step vs DPO | win rate vs base [95% CI] | "
@@ -185,18 +198,13 @@ def main() -> None:
 
     table = format_table(rows)
     print(table)
-    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
     payload = {
         "data": {"path": data.path, **stats},
         "smoothing": smoothing_stats,
-        "machine": {"cpus": torch.get_num_threads(), "platform": platform.platform(), "torch": torch.__version__},
+        "machine": machine(),
         "results": rows,
     }
-    (RESULTS_DIR / f"{args.name}.json").write_text(json.dumps(payload, indent=1))
-    (RESULTS_DIR / f"{args.name}.md").write_text(
-        f"# Toy-world alignment benchmark\n\n`python benchmarks/{Path(__file__).name}` "
-        f"({' '.join(sys.argv[1:]) or 'defaults'})\n\n" + table
-    )
+    write_results(args.name, payload, "Toy-world alignment benchmark", table)
 
 
 if __name__ == "__main__":
