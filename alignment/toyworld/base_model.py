@@ -55,8 +55,8 @@ from alignment.models import (
     build_offline_clip_tokenizer,
 )
 from alignment.noise import noisy_latents_and_target, per_sample_mse, sample_timesteps
-from alignment.toyworld.render import BACKGROUND_RGB, COLOUR_RGB, IMAGE_SIZE, render_batch
-from alignment.toyworld.world import ATTRIBUTES, VOCABULARY, Scene, parse_prompt, split_scenes
+from alignment.toyworld.render import IMAGE_SIZE, render_batch
+from alignment.toyworld.world import ATTRIBUTES, VOCABULARY, Scene, split_scenes
 
 Arch = Literal["sdxl", "sd15"]
 Pipeline = StableDiffusionXLPipeline | StableDiffusionPipeline
@@ -712,42 +712,6 @@ def sample(
     return images
 
 
-def heuristic_attributes(image: Image.Image) -> dict[str, str | None]:
-    """Read a scene's attributes from pixels, for use until the oracle exists.
-
-    Foreground pixels are those far from the background grey. Colour is the
-    palette colour nearest to their mean; position the side of their centroid;
-    size their area (a small shape covers ~40-55 px, a large one ~100-150);
-    shape the share of its bounding box the foreground fills (circle ~0.79,
-    square 1, triangle 0.5). An image without a foreground reads as None.
-    """
-    pixels = np.asarray(image.convert("RGB"), dtype=np.float32)
-    distance = np.linalg.norm(pixels - np.asarray(BACKGROUND_RGB, dtype=np.float32), axis=-1)
-    mask = distance > 60.0
-    if mask.sum() < 8:
-        return {name: None for name in ATTRIBUTES}
-    mean_colour = pixels[mask].mean(axis=0)
-    colour = min(COLOUR_RGB, key=lambda name: float(np.linalg.norm(mean_colour - np.asarray(COLOUR_RGB[name]))))
-    rows, columns = np.nonzero(mask)
-    width = pixels.shape[1]
-    area = float(mask.sum())
-    box = (rows.max() - rows.min() + 1) * (columns.max() - columns.min() + 1)
-    fill = area / box
-    shape = "square" if fill > 0.9 else "circle" if fill > 0.65 else "triangle"
-    return {
-        "colour": colour,
-        "shape": shape,
-        "size": "large" if area * (IMAGE_SIZE / width) ** 2 > 80.0 else "small",
-        "position": "left" if columns.mean() < (width - 1) / 2 else "right",
-    }
-
-
-def _oracle_available() -> bool:
-    from alignment.toyworld.oracle import DEFAULT_ORACLE_DIR, WEIGHTS_FILE
-
-    return (DEFAULT_ORACLE_DIR / WEIGHTS_FILE).is_file()
-
-
 def _score_with_oracle(images: list[Image.Image], prompts: list[str]) -> dict[str, list[bool]]:
     """Per-image correctness, overall and per attribute, from the toy oracle."""
     from alignment.toyworld.oracle import Oracle
@@ -758,31 +722,18 @@ def _score_with_oracle(images: list[Image.Image], prompts: list[str]) -> dict[st
     return correct
 
 
-def _score_with_heuristic(images: list[Image.Image], prompts: list[str]) -> dict[str, list[bool]]:
-    correct: dict[str, list[bool]] = {name: [] for name in ("all", *ATTRIBUTES)}
-    for image, prompt in zip(images, prompts, strict=True):
-        asked = parse_prompt(prompt).as_dict()
-        read = heuristic_attributes(image)
-        for name in ATTRIBUTES:
-            correct[name].append(read[name] == asked[name])
-        correct["all"].append(all(read[name] == asked[name] for name in ATTRIBUTES))
-    return correct
-
-
 def prompt_following(
     model: DiffusionComponents | Pipeline,
     *,
     seeds_per_prompt: int = 4,
     steps: int = DEFAULT_SAMPLING_STEPS,
     guidance_scale: float = DEFAULT_GUIDANCE_SCALE,
-    scorer: Literal["auto", "oracle", "heuristic"] = "auto",
 ) -> dict[str, Any]:
     """Share of samples that show what their prompt asks, on held-out and on train prompts.
 
     Samples ``seeds_per_prompt`` seeds for each of the 12 held-out prompts
     and for 12 train prompts (every third of the 36, a fixed choice), and
-    scores them with the toy oracle when ``data/toyworld/oracle`` holds one,
-    else with :func:`heuristic_attributes`.
+    scores them with the toy oracle (``data/toyworld/oracle``, built first by ``dvc repro``).
 
     Returns:
         ``{"scorer": ..., "heldout": {"all": rate, "colour": rate, ...}, "train": {...}}``.
@@ -798,12 +749,8 @@ def prompt_following(
         prompts = [scene.prompt for scene in scenes for _ in range(seeds_per_prompt)]
         seeds = [seed for _ in scenes for seed in range(seeds_per_prompt)]
         images = sample(model, prompts, seeds, steps=steps, guidance_scale=guidance_scale)
-        if scorer == "oracle" or (scorer == "auto" and _oracle_available()):
-            correct = _score_with_oracle(images, prompts)
-            report["scorer"] = "oracle"
-        else:
-            correct = _score_with_heuristic(images, prompts)
-            report["scorer"] = "heuristic"
+        correct = _score_with_oracle(images, prompts)
+        report["scorer"] = "oracle"
         report[split] = {name: float(np.mean(values)) for name, values in correct.items()}
         report[split]["num_samples"] = len(prompts)
     return report
