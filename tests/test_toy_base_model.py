@@ -12,14 +12,12 @@ from transformers import CLIPTokenizer
 
 from alignment.conditioning import encode_prompts
 from alignment.models import ModelSpec, load_components
-from alignment.toyworld import base_model
-from alignment.toyworld.base_model import (
-    METADATA_FILE,
-    build_toy_tokenizer,
+from alignment.toyworld.base_arch import build_toy_tokenizer, toy_components
+from alignment.toyworld.base_measure import DEFAULT_GUIDANCE_SCALE, DEFAULT_SAMPLING_STEPS, sample
+from alignment.toyworld.base_model import METADATA_FILE
+from alignment.toyworld.base_training import (
     encode_prompts_differentiably,
     noisy_caption,
-    sample,
-    toy_components,
     train_toy_unet,
     train_toy_vae,
 )
@@ -158,6 +156,6 @@ def test_committed_base_model_loads_offline_and_samples_deterministically(arch: 
 def test_committed_base_model_records_how_it_was_built(arch: str) -> None:
     metadata = json.loads((_committed(arch) / METADATA_FILE).read_text())
     assert metadata["arch"] == arch
-    assert metadata["sampling_defaults"]["steps"] == base_model.DEFAULT_SAMPLING_STEPS
-    assert metadata["sampling_defaults"]["guidance_scale"] == base_model.DEFAULT_GUIDANCE_SCALE
+    assert metadata["sampling_defaults"]["steps"] == DEFAULT_SAMPLING_STEPS
+    assert metadata["sampling_defaults"]["guidance_scale"] == DEFAULT_GUIDANCE_SCALE
     assert metadata["prompt_following"]["heldout"]["all"] >= 0.0

@@ -28,7 +28,7 @@ from PIL import Image
 from alignment.data import write_pickapic_parquet
 from alignment.models import ModelSpec, load_components
 from alignment.toyworld.annotators import label_pairs, sample_population
-from alignment.toyworld.base_model import sample
+from alignment.toyworld.base_measure import sample
 from alignment.toyworld.oracle import Oracle
 from alignment.toyworld.render import IMAGE_SIZE
 from alignment.toyworld.world import split_scenes
