@@ -1,12 +1,15 @@
-"""Tests of alignment.models: the tiny model, offline loading, and LoRA."""
+"""Tests of alignment.models: the tiny model, finding models offline, loading, and LoRA."""
 
 from __future__ import annotations
 
+import shutil
+from pathlib import Path
 
 import pydantic
 import pytest
 import torch
 from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+from PIL import Image
 
 from alignment.models import (
     DiffusionComponents,
@@ -18,6 +21,7 @@ from alignment.models import (
     build_offline_clip_tokenizer,
     build_tiny_components,
     check_model_available,
+    find_local_model,
     load_components,
     load_lora_into_unet,
     lora_state_dict,
@@ -270,17 +274,33 @@ def test_check_model_available_catches_an_arch_mismatch(tmp_path):
         check_model_available(ModelSpec(arch="sdxl", pretrained=str(directory)))
 
 
-def test_a_hub_id_in_the_local_cache_loads_without_network(tmp_path, monkeypatch):
+@pytest.fixture
+def hub_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """An empty Hugging Face cache under tmp_path, and no network."""
     import huggingface_hub.constants
 
-    # Lay out the cache as huggingface_hub does: refs/main names the snapshot folder.
+    cache = tmp_path / "hf-cache"
+    cache.mkdir()
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    # huggingface_hub read the variable at import time; its constant is what snapshot_download uses.
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    return cache
+
+
+def _cached_snapshot(cache: Path, repo_id: str) -> Path:
+    """Lay out ``repo_id`` as huggingface_hub does: refs/main names the snapshot folder, returned (empty)."""
     commit = "0123456789abcdef0123456789abcdef01234567"
-    repo_cache = tmp_path / "models--tiny-org--tiny-sd15"
+    repo_cache = cache / f"models--{repo_id.replace('/', '--')}"
     (repo_cache / "refs").mkdir(parents=True)
     (repo_cache / "refs" / "main").write_text(commit)
-    save_tiny_pipeline("sd15", repo_cache / "snapshots" / commit, seed=4)
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path))
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    snapshot = repo_cache / "snapshots" / commit
+    snapshot.mkdir(parents=True)
+    return snapshot
+
+
+def test_a_hub_id_in_the_local_cache_loads_without_network(hub_cache):
+    save_tiny_pipeline("sd15", _cached_snapshot(hub_cache, "tiny-org/tiny-sd15"), seed=4)
 
     spec = ModelSpec(arch="sd15", pretrained="tiny-org/tiny-sd15")
     check_model_available(spec)
@@ -290,3 +310,88 @@ def test_a_hub_id_in_the_local_cache_loads_without_network(tmp_path, monkeypatch
     assert _state_dicts_equal(components.unet, reference)
     with pytest.raises(ModelNotAvailableError, match="revision 'v2'"):
         check_model_available(ModelSpec(arch="sd15", pretrained="tiny-org/tiny-sd15", revision="v2"))
+
+
+def test_find_local_model_finds_paths_and_cached_hub_ids_and_names_what_is_missing(tmp_path, hub_cache):
+    snapshot = _cached_snapshot(hub_cache, "org/model")
+    local = tmp_path / "local"
+    for directory in (snapshot, local):
+        directory.mkdir(exist_ok=True)
+        (directory / "weights.pt").write_text("weights")
+
+    assert find_local_model(str(local)) == local
+    assert find_local_model(local, filename="weights.pt") == local / "weights.pt"
+    assert find_local_model(local / "weights.pt", filename="weights.pt") == local / "weights.pt"
+    assert find_local_model("org/model").resolve() == snapshot.resolve()
+    assert find_local_model("org/model", filename="weights.pt").resolve() == (snapshot / "weights.pt").resolve()
+
+    missing = tmp_path / "nowhere"
+    cases = [
+        ({"name_or_path": local / "weights.pt"}, ["is a file"]),
+        ({"name_or_path": missing}, [f"'{missing}' does not exist"]),
+        (
+            {"name_or_path": "org/model", "revision": "v2"},
+            ["'org/model' at revision 'v2'", "download org/model --revision v2"],
+        ),
+        (
+            {"name_or_path": "org/other", "filename": "head.pth"},
+            ["'head.pth' of 'org/other'", "download org/other head.pth"],
+        ),
+        ({"name_or_path": local, "filename": "head.pth"}, [f"{local} has no head.pth"]),
+        (
+            {"name_or_path": "org/model", "filename": "head.pth"},
+            ["'head.pth' of 'org/model' is not in its cached snapshot"],
+        ),
+    ]
+    for kwargs, phrases in cases:
+        with pytest.raises(ModelNotAvailableError) as error:
+            find_local_model(what="scorer head", hint="Or run without it.", **kwargs)
+        message = str(error.value)
+        assert all(phrase in message for phrase in [*phrases, "scorer head", "Or run without it."]), message
+
+
+def _save_tiny_clip(directory: Path) -> None:
+    """A tiny CLIP model with its tokenizer and image processor: what the CLIP score scorer loads."""
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel
+
+    tokenizer = build_offline_clip_tokenizer(directory)
+    tokenizer.save_pretrained(directory)
+    small = {"hidden_size": 8, "intermediate_size": 8, "num_hidden_layers": 1, "num_attention_heads": 2}
+    text = {**small, "vocab_size": len(tokenizer), "eos_token_id": tokenizer.eos_token_id}
+    vision = {**small, "image_size": 16, "patch_size": 8}
+    CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=8)).save_pretrained(directory)
+    CLIPImageProcessor(size={"shortest_edge": 16}, crop_size={"height": 16, "width": 16}).save_pretrained(directory)
+
+
+def test_the_diffusion_loader_and_a_reward_scorer_find_models_through_one_function(tmp_path, hub_cache, monkeypatch):
+    from alignment.models import locate
+    from alignment.rewards import load_scorer
+
+    pipeline_snapshot = _cached_snapshot(hub_cache, "org/tiny-sd15")
+    save_tiny_pipeline("sd15", pipeline_snapshot, seed=4)
+    clip_snapshot = _cached_snapshot(hub_cache, "org/tiny-clip")
+    _save_tiny_clip(clip_snapshot)
+    local_pipeline = shutil.copytree(pipeline_snapshot, tmp_path / "local-sd15")
+    local_clip = shutil.copytree(clip_snapshot, tmp_path / "local-clip")
+
+    found: set[tuple[str, Path]] = set()
+
+    def spy(name_or_path, *args, **kwargs):
+        path = find_local_model(name_or_path, *args, **kwargs)
+        found.add((str(name_or_path), path.resolve()))
+        return path
+
+    monkeypatch.setattr(locate, "find_local_model", spy)
+
+    unets = [load_components(ModelSpec(arch="sd15", pretrained=p)).unet for p in (str(local_pipeline), "org/tiny-sd15")]
+    assert _state_dicts_equal(*unets)
+    scorers = [load_scorer("clip_score", source=source) for source in (local_clip, "org/tiny-clip")]
+    images = [Image.new("RGB", (16, 16), color) for color in ("red", "blue")]
+    torch.testing.assert_close(scorers[0].score(images, "a red square"), scorers[1].score(images, "a red square"))
+
+    assert found == {
+        (str(local_pipeline), local_pipeline.resolve()),
+        ("org/tiny-sd15", pipeline_snapshot.resolve()),
+        (str(local_clip), local_clip.resolve()),
+        ("org/tiny-clip", clip_snapshot.resolve()),
+    }

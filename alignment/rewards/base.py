@@ -15,7 +15,6 @@ and the files it lacks, before any model is built.
 from __future__ import annotations
 
 import logging
-import re
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, nullcontext
@@ -304,7 +303,6 @@ def _batches(count: int, batch_size: int) -> Iterator[slice]:
 # Offline source resolution
 # --------------------------------------------------------------------------------------------
 
-_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?")
 WEIGHT_PATTERNS = ("*.safetensors", "*.bin", "*.safetensors.index.json", "*.bin.index.json")
 TOKENIZER_FILE_SETS = (("tokenizer.json",), ("vocab.json", "merges.txt"), ("vocab.txt",))
 """A tokenizer directory holds one of these sets (fast tokenizer, CLIP BPE, BERT WordPiece)."""
@@ -322,16 +320,11 @@ def model_not_available(message: str) -> Exception:
     return ModelNotAvailableError(message)
 
 
-def _is_hub_id(source: str) -> bool:
-    return _HUB_ID.fullmatch(source) is not None
+def _find_local_model(source: str | Path, what: str, filename: str | None = None) -> Path:
+    """:func:`alignment.models.locate.find_local_model`, imported lazily (see :func:`model_not_available`)."""
+    from alignment.models.locate import find_local_model
 
-
-def _offline_advice(source: str, filename: str = "") -> str:
-    command = f"huggingface-cli download {source} {filename}".rstrip()
-    return (
-        f"This machine does not download models: run `{command}` on a machine with internet and copy "
-        "the Hugging Face cache here, or pass a local path as source."
-    )
+    return find_local_model(source, what=what, filename=filename)
 
 
 def resolve_directory(
@@ -357,27 +350,7 @@ def resolve_directory(
     Raises:
         ModelNotAvailableError: Naming the path or id and what is missing.
     """
-    name = str(source)
-    path = Path(name).expanduser()
-    if path.is_dir():
-        directory = path
-    elif path.exists():
-        raise model_not_available(f"The {what} '{name}' is a file, but a directory is needed.")
-    elif _is_hub_id(name):
-        # Imported here: huggingface_hub reads its cache location from the environment at import time.
-        from huggingface_hub import snapshot_download
-
-        try:
-            # local_files_only: resolves the cached snapshot from refs on disk, never touches the network.
-            directory = Path(snapshot_download(repo_id=name, local_files_only=True))
-        except Exception as error:  # hub error types vary by version; all mean "not cached"
-            raise model_not_available(
-                f"The {what} '{name}' is neither a local directory nor in the local Hugging Face cache. "
-                + _offline_advice(name)
-            ) from error
-    else:
-        raise model_not_available(f"The {what} directory '{name}' does not exist.")
-
+    directory = _find_local_model(source, what)
     missing = [file for file in required_files if not (directory / file).is_file()]
     if needs_weights and not any(any(directory.glob(pattern)) for pattern in WEIGHT_PATTERNS):
         missing.append("weights (*.safetensors or *.bin)")
@@ -386,7 +359,7 @@ def resolve_directory(
     ):
         missing.append("tokenizer files (tokenizer.json, or vocab.json + merges.txt, or vocab.txt)")
     if missing:
-        raise model_not_available(f"The {what} directory {directory} (from '{name}') lacks {', '.join(missing)}.")
+        raise model_not_available(f"The {what} directory {directory} (from '{source}') lacks {', '.join(missing)}.")
     return directory
 
 
@@ -404,26 +377,7 @@ def resolve_file(source: str | Path, what: str, default_filename: str) -> Path:
     Raises:
         ModelNotAvailableError: Naming the path or id that is missing.
     """
-    name = str(source)
-    path = Path(name).expanduser()
-    if path.is_file():
-        return path
-    if path.is_dir():
-        candidate = path / default_filename
-        if candidate.is_file():
-            return candidate
-        raise model_not_available(f"The {what} directory {path} has no {default_filename}.")
-    if _is_hub_id(name) and "/" in name:
-        from huggingface_hub import hf_hub_download
-
-        try:
-            return Path(hf_hub_download(repo_id=name, filename=default_filename, local_files_only=True))
-        except Exception as error:  # hub error types vary by version; all mean "not cached"
-            raise model_not_available(
-                f"The {what} '{default_filename}' of '{name}' is neither a local file nor in the local Hugging "
-                "Face cache. " + _offline_advice(name, default_filename)
-            ) from error
-    raise model_not_available(f"The {what} file '{name}' does not exist.")
+    return _find_local_model(source, what, default_filename)
 
 
 def load_torch_checkpoint(path: Path, what: str) -> dict[str, Any]:
