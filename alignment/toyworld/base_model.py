@@ -42,6 +42,7 @@ from alignment.toyworld.base_measure import (
 )
 from alignment.toyworld.base_training import DEFAULT_UNET_STEPS, DEFAULT_VAE_STEPS, train_toy_unet, train_toy_vae
 from alignment.toyworld.render import IMAGE_SIZE
+from alignment.toyworld.timings import stage_name, timed, write_timings
 
 METADATA_FILE = "toy_base_model.json"
 
@@ -74,12 +75,13 @@ def build_base_model(
     guidance_sweep: Sequence[float] = GUIDANCE_SWEEP,
     evaluate: bool = True,
     show_progress: bool = True,
-) -> dict[str, Any]:
+) -> tuple[dict[str, Any], dict[str, float]]:
     """Build, train, measure and save a toy base model.
 
     The output is written to a temporary sibling directory and renamed into
     place at the end, so ``out_dir`` is either the previous model or the new
-    one, never half written.
+    one, never half written. The output holds no wall-clock times (the same
+    weights give the same files); the durations are returned separately.
 
     Args:
         out_dir: Target diffusers directory (replaced if it exists).
@@ -100,30 +102,44 @@ def build_base_model(
         show_progress: Draw tqdm bars.
 
     Returns:
-        The metadata also written to ``out_dir/toy_base_model.json``.
+        The metadata also written to ``out_dir/toy_base_model.json``, and the
+        timings in seconds: ``vae/seconds`` and ``unet/seconds`` (the whole
+        :func:`train_toy_vae` / :func:`train_toy_unet` call, renders and VAE
+        calibration included) and the same per optimizer step,
+        ``train_seconds`` (the modules' construction and both trainings),
+        ``prompt_following/seconds`` (if ``evaluate``) and ``total_seconds``
+        (including the save).
     """
     out_dir = Path(out_dir)
     vae_steps = DEFAULT_VAE_STEPS[arch] if vae_steps is None else vae_steps
     unet_steps = DEFAULT_UNET_STEPS[arch] if unet_steps is None else unet_steps
     started = time.perf_counter()
-    components = toy_components(arch, seed=seed)
-    vae_metrics = train_toy_vae(components, steps=vae_steps, seed=seed, show_progress=show_progress)
-    unet_metrics = train_toy_unet(
-        components,
-        steps=unet_steps,
-        seed=seed,
-        caption_noise=caption_noise,
-        caption_dropout=caption_dropout,
-        high_noise_share=high_noise_share,
-        max_loss_weight=max_loss_weight,
-        learning_rate=unet_learning_rate,
-        batch_size=unet_batch_size,
-        show_progress=show_progress,
-    )
-    train_seconds = time.perf_counter() - started
+    timings: dict[str, float] = {}
+    with timed(timings, "train_seconds"):
+        components = toy_components(arch, seed=seed)
+        with timed(timings, "vae/seconds"):
+            vae_metrics = train_toy_vae(components, steps=vae_steps, seed=seed, show_progress=show_progress)
+        with timed(timings, "unet/seconds"):
+            unet_metrics = train_toy_unet(
+                components,
+                steps=unet_steps,
+                seed=seed,
+                caption_noise=caption_noise,
+                caption_dropout=caption_dropout,
+                high_noise_share=high_noise_share,
+                max_loss_weight=max_loss_weight,
+                learning_rate=unet_learning_rate,
+                batch_size=unet_batch_size,
+                show_progress=show_progress,
+            )
+    timings["vae/seconds_per_step"] = timings["vae/seconds"] / vae_steps
+    timings["unet/seconds_per_step"] = timings["unet/seconds"] / unet_steps
     following = by_guidance = None
     if evaluate:
-        following, by_guidance = measure_prompt_following(components, sampling_steps, guidance_scale, guidance_sweep)
+        with timed(timings, "prompt_following/seconds"):
+            following, by_guidance = measure_prompt_following(
+                components, sampling_steps, guidance_scale, guidance_sweep
+            )
 
     metadata = {
         "arch": arch,
@@ -146,9 +162,7 @@ def build_base_model(
         "sampling_defaults": {"scheduler": "DDIM", "steps": sampling_steps, "guidance_scale": guidance_scale},
         "prompt_following": following,
         "prompt_following_by_guidance": by_guidance,
-        "train_seconds": train_seconds,
         "torch_threads": torch.get_num_threads(),
-        "total_seconds": time.perf_counter() - started,
     }
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
@@ -168,7 +182,8 @@ def build_base_model(
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
-    return metadata
+    timings["total_seconds"] = time.perf_counter() - started
+    return metadata, timings
 
 
 def remeasure_base_model(
@@ -177,7 +192,7 @@ def remeasure_base_model(
     sampling_steps: int = DEFAULT_SAMPLING_STEPS,
     guidance_scale: float = DEFAULT_GUIDANCE_SCALE,
     guidance_sweep: Sequence[float] = GUIDANCE_SWEEP,
-) -> dict[str, Any]:
+) -> tuple[dict[str, Any], dict[str, float]]:
     """Measure a saved base model's prompt following again and update its metadata.
 
     For when the oracle or the sampling defaults change: the weights are not
@@ -190,19 +205,21 @@ def remeasure_base_model(
         guidance_sweep: Further CFG scales to measure.
 
     Returns:
-        The updated metadata.
+        The updated metadata, and the timings (``prompt_following/seconds``).
     """
     directory = Path(directory)
     metadata_file = directory / METADATA_FILE
     metadata = json.loads(metadata_file.read_text(encoding="utf-8"))
     pipeline_class = StableDiffusionXLPipeline if metadata["arch"] == "sdxl" else StableDiffusionPipeline
     pipeline = pipeline_class.from_pretrained(directory, local_files_only=True)
-    following, by_guidance = measure_prompt_following(pipeline, sampling_steps, guidance_scale, guidance_sweep)
+    timings: dict[str, float] = {}
+    with timed(timings, "prompt_following/seconds"):
+        following, by_guidance = measure_prompt_following(pipeline, sampling_steps, guidance_scale, guidance_sweep)
     metadata["sampling_defaults"] = {"scheduler": "DDIM", "steps": sampling_steps, "guidance_scale": guidance_scale}
     metadata["prompt_following"] = following
     metadata["prompt_following_by_guidance"] = by_guidance
     _write_json_atomically(metadata_file, metadata)
-    return metadata
+    return metadata, timings
 
 
 def _scales(text: str) -> list[float]:
@@ -228,9 +245,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.remeasure:
-        metadata = remeasure_base_model(args.out, guidance_sweep=args.guidance_sweep)
+        metadata, timings = remeasure_base_model(args.out, guidance_sweep=args.guidance_sweep)
     else:
-        metadata = build_base_model(
+        metadata, timings = build_base_model(
             args.out,
             args.arch,
             seed=args.seed,
@@ -240,8 +257,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             guidance_sweep=args.guidance_sweep,
             evaluate=not args.no_eval,
         )
-    summary = {key: metadata.get(key) for key in ("arch", "size_mb", "total_seconds", "prompt_following_by_guidance")}
+    summary = {key: metadata.get(key) for key in ("arch", "size_mb", "prompt_following_by_guidance")}
     print(json.dumps(summary, indent=2))
+    write_timings(stage_name(args.out) + ("_remeasure" if args.remeasure else ""), timings)
     return metadata
 
 

@@ -11,7 +11,6 @@ The modules come from :func:`alignment.toyworld.base_arch.toy_components`.
 from __future__ import annotations
 
 import math
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -111,11 +110,12 @@ def train_toy_vae(
     Returns:
         Metrics: ``vae/recon_mse_train``, ``vae/recon_mse_heldout`` (posterior
         mean, [-1, 1] pixel units), ``vae/kl``, ``vae/latent_std``,
-        ``vae/scaling_factor``, ``vae/seconds``, ``vae/seconds_per_step``.
+        ``vae/latent_mean``, ``vae/scaling_factor``. Deterministic given the
+        seed: wall-clock time is the caller's to measure (see
+        :mod:`alignment.toyworld.timings`).
     """
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
-    started = time.perf_counter()
     train_scenes, heldout_scenes = split_scenes()
     images, _ = _render_pool(train_scenes, renders_per_scene, seed)
     heldout_images, _ = _render_pool(heldout_scenes, 8, seed + 1)
@@ -142,7 +142,6 @@ def train_toy_vae(
             recon_ema = recon.item() if recon_ema is None else 0.95 * recon_ema + 0.05 * recon.item()
             kl_ema = kl.item() if kl_ema is None else 0.95 * kl_ema + 0.05 * kl.item()
             bar.set_postfix(recon=f"{recon_ema:.4f}", kl=f"{kl_ema:.2f}", refresh=False)
-    train_seconds = time.perf_counter() - started
     vae.requires_grad_(False)
     vae.eval()
 
@@ -160,8 +159,6 @@ def train_toy_vae(
         "vae/latent_mean": float(means.mean()),
         "vae/latent_std": latent_std,
         "vae/scaling_factor": 1.0 / latent_std,
-        "vae/seconds": train_seconds,
-        "vae/seconds_per_step": train_seconds / steps,
     }
 
 
@@ -340,9 +337,10 @@ def train_toy_unet(
         on_step: Called as ``on_step(step, loss)`` after every step (for logging).
 
     Returns:
-        Metrics: ``unet/loss`` (weighted, smoothed, at the end), ``unet/seconds``,
-        ``unet/seconds_per_step``, ``unet/caption_noise_rate`` (measured share
-        of wrong captions).
+        Metrics: ``unet/loss`` (weighted, smoothed, at the end) and
+        ``unet/caption_noise_rate`` (measured share of wrong captions).
+        Deterministic given the seed: wall-clock time is the caller's to
+        measure (see :mod:`alignment.toyworld.timings`).
     """
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
@@ -373,7 +371,6 @@ def train_toy_unet(
     loss_weights = (1.0 / (alphas_cumprod / (1.0 - alphas_cumprod))).clamp(1.0, max_loss_weight)
     wrong_captions = 0
     loss_ema = None
-    started = time.perf_counter()
     with tqdm(range(steps), desc=f"toy {components.arch} UNet", disable=not show_progress, mininterval=5.0) as bar:
         for step in bar:
             rows = rng.integers(0, len(latents), size=batch_size)
@@ -405,13 +402,10 @@ def train_toy_unet(
             bar.set_postfix(loss=f"{loss_ema:.4f}", refresh=False)
             if on_step is not None:
                 on_step(step, loss.item())
-    seconds = time.perf_counter() - started
     for module in trained:
         module.requires_grad_(False)
         module.eval()
     return {
         "unet/loss": float(loss_ema),
-        "unet/seconds": seconds,
-        "unet/seconds_per_step": seconds / steps,
         "unet/caption_noise_rate": wrong_captions / (steps * batch_size),
     }

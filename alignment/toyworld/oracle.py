@@ -47,6 +47,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from alignment.toyworld.render import IMAGE_SIZE, corrupt, render_batch, to_tensor
+from alignment.toyworld.timings import stage_name, timed, write_timings
 from alignment.toyworld.world import ATTRIBUTES, Scene, all_scenes, parse_prompt
 
 __all__ = [
@@ -381,8 +382,9 @@ def train_oracle(
 
     Returns:
         The trained classifier (eval mode) and metrics: accuracies on clean
-        held-out renders (a new seed) and on the same renders corrupted, the
-        training time and the parameter count.
+        held-out renders (a new seed) and on the same renders corrupted, and
+        the parameter count. No wall-clock time: the caller measures it (see
+        :mod:`alignment.toyworld.timings`), so the metrics are deterministic.
     """
     torch.manual_seed(seed)
     numpy_rng = np.random.default_rng(seed)
@@ -404,7 +406,6 @@ def train_oracle(
         schedule.step()
         if log_every and (step % log_every == 0 or step == steps - 1):
             print(f"step {step:5d}  loss {loss.item():.4f}  {time.perf_counter() - started:6.1f}s", flush=True)
-    training_seconds = time.perf_counter() - started
     classifier.eval()
 
     # Held-out renders: a seed training never used, every scene equally often.
@@ -418,7 +419,6 @@ def train_oracle(
         "accuracy_corrupted": evaluate_classifier(classifier, corrupted, eval_targets),
         "eval_images": len(eval_scenes),
         "eval_seed": eval_seed,
-        "training_seconds": round(training_seconds, 1),
         "parameters": sum(p.numel() for p in classifier.parameters()),
     }
     return classifier, metrics
@@ -454,10 +454,15 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = parser.parse_args(argv)
 
     torch.set_num_threads(args.threads)
+    started = time.perf_counter()
+    timings: dict[str, float] = {}
     training = {"seed": args.seed, "steps": args.steps, "batch_size": args.batch_size, "threads": args.threads}
-    model, metrics = train_oracle(seed=args.seed, steps=args.steps, batch_size=args.batch_size, log_every=100)
+    with timed(timings, "train_seconds"):
+        model, metrics = train_oracle(seed=args.seed, steps=args.steps, batch_size=args.batch_size, log_every=100)
     save_oracle(model, args.out, metrics, training)
     print(json.dumps(metrics, indent=2))
+    timings["total_seconds"] = time.perf_counter() - started
+    write_timings(stage_name(args.out), timings)
 
 
 if __name__ == "__main__":

@@ -18,7 +18,6 @@ import json
 import os
 import shutil
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
@@ -31,6 +30,7 @@ from alignment.toyworld.annotators import label_pairs, sample_population
 from alignment.toyworld.base_measure import sample
 from alignment.toyworld.oracle import Oracle
 from alignment.toyworld.render import IMAGE_SIZE
+from alignment.toyworld.timings import stage_name, timed, write_timings
 from alignment.toyworld.world import split_scenes
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -119,9 +119,10 @@ def build_preferences(
     """Sample, score and label pairs for the train prompts; write train/validation shards.
 
     Written to a temporary directory and renamed into place, so an interrupted
-    build never leaves a half-written dataset.
+    build never leaves a half-written dataset. The summary holds no wall-clock
+    time, so the same build gives the same files (``main`` writes the duration
+    to ``outputs/toyworld_timings``).
     """
-    started = time.perf_counter()
     out_dir = Path(out_dir)
     torch.manual_seed(seed)
     model = load_components(ModelSpec(arch="sdxl", pretrained=str(base_dir), resolution=IMAGE_SIZE))
@@ -152,7 +153,6 @@ def build_preferences(
             "annotators": annotator_count,
             "pairs_per_prompt": {"train": pairs_per_prompt, "validation": validation_pairs_per_prompt},
             "splits": splits,
-            "seconds": round(time.perf_counter() - started, 1),
         }
         (tmp / SUMMARY_FILE).write_text(json.dumps(summary, indent=1))
         (tmp / "README.md").write_text(_readme(summary))
@@ -190,8 +190,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--pairs-per-prompt", type=int, default=16)
     args = parser.parse_args(argv)
-    summary = build_preferences(args.out, args.base, seed=args.seed, pairs_per_prompt=args.pairs_per_prompt)
+    timings: dict[str, float] = {}
+    with timed(timings, "total_seconds"):
+        summary = build_preferences(args.out, args.base, seed=args.seed, pairs_per_prompt=args.pairs_per_prompt)
     print(json.dumps(summary, indent=1))
+    write_timings(stage_name(args.out), timings)
 
 
 if __name__ == "__main__":

@@ -64,6 +64,7 @@ from alignment.data import decode_image, load_preference_frame, prepare_pairs
 from alignment.rewards.base import match_prompts
 from alignment.toyworld.oracle import DEFAULT_ORACLE_DIR, Oracle
 from alignment.toyworld.render import IMAGE_SIZE, render_batch
+from alignment.toyworld.timings import stage_name, timed, write_timings
 from alignment.toyworld.world import ATTRIBUTES, VOCABULARY, Scene, split_scenes
 
 __all__ = [
@@ -546,7 +547,9 @@ def train_reward_model(
         The model (eval mode) and metrics: ``train`` and ``validation`` pair
         metrics (BT loss, accuracy vs the human labels and vs the oracle), the
         ``wrong_attribute_ranking`` share on train and held-out scenes, the
-        final ``logit_scale``, parameter count and training time.
+        final ``logit_scale`` and the parameter count. No wall-clock time: the
+        caller measures it (see :mod:`alignment.toyworld.timings`), so the
+        metrics are deterministic.
     """
     if pairs_train.empty:
         raise ValueError("no training pairs")
@@ -572,7 +575,6 @@ def train_reward_model(
 
     schedule = torch.optim.lr_scheduler.LambdaLR(optimiser, learning_rate_factor)
 
-    started = time.perf_counter()
     model.train()
     order = rng.permutation(count)
     cursor = 0
@@ -621,7 +623,6 @@ def train_reward_model(
             bt_value, contrastive_value = float(bradley_terry.detach()), float(contrastive.detach())
             history.append({"step": step, "bt_loss": round(bt_value, 4), "contrastive": round(contrastive_value, 4)})
             bar.set_postfix(bt=f"{bt_value:.3f}", acc=f"{accuracy:.2f}", ce=f"{contrastive_value:.3f}")
-    training_seconds = time.perf_counter() - started
     model.eval()
 
     oracle = Oracle.load(oracle_dir) if oracle_dir is not None else None
@@ -649,7 +650,6 @@ def train_reward_model(
         {
             "logit_scale": round(float(model.scale().detach()), 3),
             "parameters": sum(p.numel() for p in model.parameters()),
-            "training_seconds": round(training_seconds, 1),
             "loss_history": history,
         }
     )
@@ -710,17 +710,20 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = parser.parse_args(argv)
 
     torch.set_num_threads(args.threads)
+    started = time.perf_counter()
+    timings: dict[str, float] = {}
     pairs_train = _load_pairs(args.data, "train")
     pairs_validation = _load_pairs(args.data, "validation")
-    model, metrics = train_reward_model(
-        pairs_train,
-        pairs_validation,
-        seed=args.seed,
-        steps=args.steps,
-        batch_size=args.batch_size,
-        lr=args.lr,
-        contrastive_weight=args.contrastive_weight,
-    )
+    with timed(timings, "train_seconds"):
+        model, metrics = train_reward_model(
+            pairs_train,
+            pairs_validation,
+            seed=args.seed,
+            steps=args.steps,
+            batch_size=args.batch_size,
+            lr=args.lr,
+            contrastive_weight=args.contrastive_weight,
+        )
     training = {
         "data": str(args.data),
         "train_pairs": len(pairs_train),
@@ -735,6 +738,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     }
     save_reward_model(model, args.out, metrics, training)
     print(json.dumps({key: value for key, value in metrics.items() if key != "loss_history"}, indent=2))
+    timings["total_seconds"] = time.perf_counter() - started
+    write_timings(stage_name(args.out), timings)
 
 
 if __name__ == "__main__":
