@@ -27,8 +27,11 @@ import click
 import yaml
 
 REPO_ROOT = Path(__file__).resolve().parent
-TRAINING_PIPELINES = ("smpo_sdxl", "smpo_sd15", "dpo_sdxl", "dpo_sd15", "sft_sdxl", "sft_sd15")
-PIPELINE_NAMES = (*TRAINING_PIPELINES, "promote")
+sys.path.insert(0, str(REPO_ROOT))
+from pipelines.catalog import pipeline_names, training_pipelines  # noqa: E402
+
+TRAINING_PIPELINES = tuple(training_pipelines())
+PIPELINE_NAMES = pipeline_names()
 # Local-first defaults: no telemetry, W&B offline unless the user says otherwise.
 os.environ.setdefault("ZENML_ANALYTICS_OPT_IN", "false")
 os.environ.setdefault("WANDB_MODE", "offline")
@@ -85,7 +88,8 @@ def resolve_config(
             # takes the stack-wide settings (e.g. the Docker image of a remote stack).
             overlay, per_method = {k: v for k, v in overlay.items() if k == "settings"}, {}
         config = deep_merge(config, overlay)
-        config = deep_merge(config, per_method.get(pipeline_name.split("_")[0], {}) or {})
+        method = training_pipelines()[pipeline_name][0] if pipeline_name in TRAINING_PIPELINES else None
+        config = deep_merge(config, per_method.get(method, {}) or {})
     for assignment in overrides:
         apply_override(config, assignment)
     return config
@@ -167,9 +171,7 @@ def enable_tracking(config: dict[str, Any]) -> None:
     ``true`` means the active stack's tracker, whatever its name; the run fails
     with ZenML's message when the stack has none.
     """
-    finetune = config.get("parameters", {}).get("training", {}).get("finetune", "lora")
-    training_step = "train_alignment" if finetune == "lora" else "train_alignment_full"
-    for step in (training_step, "evaluate_alignment"):
+    for step in ("train_alignment", "evaluate_alignment"):
         config.setdefault("steps", {}).setdefault(step, {})["experiment_tracker"] = True
 
 

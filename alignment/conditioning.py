@@ -152,3 +152,21 @@ def unet_added_conditioning(
     # The pipeline builds time ids in the embeddings' dtype; matching it keeps training and sampling alike.
     time_ids = time_ids.to(device=pooled_prompt_embeds.device, dtype=pooled_prompt_embeds.dtype)
     return {"text_embeds": pooled_prompt_embeds, "time_ids": time_ids}
+
+
+def predict_noise(
+    unet: torch.nn.Module,
+    noisy: Tensor,
+    timesteps: Tensor,
+    prompt_embeds: Tensor,
+    pooled_prompt_embeds: Tensor | None = None,
+    time_ids: Tensor | None = None,
+) -> Tensor:
+    """One UNet call, SD 1.5 or SDXL (pooled embeddings and time ids as added conditioning)."""
+    return unet(
+        noisy,
+        timesteps,
+        encoder_hidden_states=prompt_embeds,
+        added_cond_kwargs=unet_added_conditioning(pooled_prompt_embeds, time_ids),
+        return_dict=False,
+    )[0]

@@ -31,14 +31,15 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable, Mapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from diffusers import DDIMInverseScheduler, DDIMScheduler
 from safetensors.torch import load_file, save_file
 from torch import Tensor
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 from tqdm.auto import tqdm
 
 UnetFn = Callable[[Tensor, Tensor], Tensor]
@@ -51,36 +52,42 @@ CACHE_META_FILE = "inversion_cache.json"
 DEFAULT_GRID_STEPS = {"sd15": 5, "sdxl": 10}
 
 
-@dataclass(frozen=True)
-class InversionConfig:
-    """How latents are inverted.
+class InversionConfig(BaseModel):
+    """How SmPO (and DDIM-InPO) estimate x_t: by inverting each image along the DDIM trajectory.
 
-    Attributes:
-        grid_steps: Points of the inversion grid (``set_timesteps`` of the
-            inverse scheduler): 10 for SDXL, 5 for SD1.5 in the SmPO scripts.
-        renoise_iterations: ReNoise corrections per inversion step. 0 is plain
-            DDIM inversion (DDIM-InPO); 1 averages two predictions (SmPO).
-        eta: Scale of the DDIM-InPO stochastic term added after each step; 0
-            keeps the inversion deterministic.
-        min_steps: Inversion steps a sample gets even when its ``t`` lies below
-            the grid. With 0, such a sample stays at ``x0`` and its target
-            degenerates to a multiple of ``x0`` (the §3.2 edge case).
+    The one settings model for inversion, online and cached alike.
     """
 
-    grid_steps: int = 10
-    renoise_iterations: int = 1
-    eta: float = 0.0
-    min_steps: int = 1
+    model_config = ConfigDict(extra="forbid", frozen=True)
 
-    def __post_init__(self) -> None:
-        if self.grid_steps < 1:
-            raise ValueError(f"grid_steps must be >= 1, got {self.grid_steps}")
-        if self.renoise_iterations < 0:
-            raise ValueError(f"renoise_iterations must be >= 0, got {self.renoise_iterations}")
-        if self.eta < 0:
-            raise ValueError(f"eta must be >= 0, got {self.eta}")
-        if not 0 <= self.min_steps <= self.grid_steps:
+    mode: Literal["online", "cached"] = Field(
+        "online",
+        description="online: invert with the current policy every step (the paper); cached: once, with the reference",
+    )
+    grid_steps: int = Field(10, ge=1, description="inversion grid: 10 for SDXL, 5 for SD 1.5 in the SmPO scripts")
+    renoise_iterations: int = Field(
+        1, ge=0, description="ReNoise corrections per inversion step: 0 = plain DDIM inversion (DDIM-InPO), 1 = SmPO"
+    )
+    eta: float = Field(0.0, ge=0, description="DDIM-InPO's stochastic term after each step; 0 is deterministic")
+    min_steps: int = Field(
+        1,
+        ge=0,
+        description="inversion steps a sample gets even when its t lies below the grid; with 0 such a sample stays "
+        "at x0 and its target degenerates to a multiple of x0 (the §3.2 edge case)",
+    )
+    timesteps_per_pair: int = Field(
+        1,
+        ge=1,
+        description="cached mode: timesteps inverted per pair; each visit of a pair draws one of them. "
+        "With 1, every epoch sees a pair at the same noise level (measured on the toy world: worse than the base "
+        "model); more restores some of online mode's noise-level diversity at K x the cache size and inversion time",
+    )
+
+    @model_validator(mode="after")
+    def _min_steps_fit_the_grid(self) -> InversionConfig:
+        if self.min_steps > self.grid_steps:
             raise ValueError(f"min_steps must be in [0, grid_steps={self.grid_steps}], got {self.min_steps}")
+        return self
 
     @classmethod
     def for_arch(cls, arch: str, **overrides: Any) -> InversionConfig:
@@ -421,7 +428,7 @@ def invert_dataset(
             targets.append(target.cpu())
             bar.update(len(indices))
     metadata = {
-        "inversion": asdict(config),
+        "inversion": config.model_dump(mode="json"),
         "grid": inversion_grid(scheduler_config, config.grid_steps).tolist(),
     }
     return InversionCache(
@@ -430,3 +437,74 @@ def invert_dataset(
         target=torch.cat(targets),
         metadata=metadata,
     )
+
+
+def build_inversion_cache(
+    components,
+    encoded,
+    inversion: InversionConfig,
+    seed: int,
+    *,
+    batch_size: int = 16,
+    show_progress: bool = True,
+) -> InversionCache:
+    """Cached-mode SmPO: invert every winner and loser of ``encoded`` once, with the reference model.
+
+    Each pair gets ``inversion.timesteps_per_pair`` (K) timesteps (drawn from
+    ``seed``), shared by its two images; rows are K blocks of the N winners
+    then the N losers. The inversion is conditioned on the pair's real caption
+    (no dropout). Only the inversion settings and the seed matter, so a beta or
+    learning-rate sweep reuses one cache.
+
+    Args:
+        components: the base model (``DiffusionComponents``); its UNet is the reference.
+        encoded: the ``EncodedPairs`` to invert.
+        inversion: grid, ReNoise iterations, eta, timesteps per pair.
+        seed: the training seed (timesteps and eta noise derive from it).
+        batch_size: images per inversion batch.
+        show_progress: draw a progress bar.
+    """
+    from alignment.conditioning import predict_noise
+    from alignment.inputs import derived_seed
+
+    unet = components.unet
+    unet.eval()
+    device = next(unet.parameters()).device
+    dtype = next(unet.parameters()).dtype
+    n = len(encoded)
+    slots = inversion.timesteps_per_pair
+    generator = torch.Generator().manual_seed(derived_seed(seed, 0, stream=5))
+    # Shape (K, N): with K = 1 the same draw as a single timestep per pair.
+    pair_t = torch.randint(0, components.noise_scheduler.config.num_train_timesteps, (slots, n), generator=generator)
+    latents = torch.cat([encoded.latents_w, encoded.latents_l] * slots).to(device=device, dtype=dtype)
+    pair_of_row = torch.arange(n).repeat(2 * slots)
+    time_ids = None
+    if encoded.time_ids_w is not None:
+        time_ids = torch.cat([encoded.time_ids_w, encoded.time_ids_l] * slots)
+
+    def conditioned_on(rows: Tensor) -> UnetFn:
+        prompt_rows = encoded.prompt_index[pair_of_row[rows]]
+        embeds = encoded.prompt_embeds[prompt_rows].to(device=device, dtype=dtype)
+        pooled = None
+        if encoded.pooled_prompt_embeds is not None:
+            pooled = encoded.pooled_prompt_embeds[prompt_rows].to(device=device, dtype=dtype)
+        row_time_ids = None if time_ids is None else time_ids[rows].to(device=device, dtype=dtype)
+
+        def reference_eps(z: Tensor, t: Tensor) -> Tensor:
+            return predict_noise(unet, z.to(dtype), t, embeds, pooled, row_time_ids)
+
+        return reference_eps
+
+    with torch.no_grad():
+        cache = invert_dataset(
+            conditioned_on,
+            latents,
+            torch.cat([torch.cat([block, block]) for block in pair_t]),
+            components.noise_scheduler.config,
+            inversion,
+            batch_size,
+            generator=torch.Generator().manual_seed(derived_seed(seed, 0, stream=6)),
+            show_progress=show_progress,
+        )
+    cache.metadata.update({"pairs": n, "timesteps_per_pair": slots, "seed": seed})
+    return cache

@@ -3,12 +3,13 @@
 Worker, one per process, started by ``accelerate launch`` (or ``torchrun``)::
 
     accelerate launch --multi_gpu --num_processes 2 -m alignment.launch \\
-        --encoded ENCODED_DIR --model model.json --config train.json --out OUT_DIR
+        --inputs INPUTS_DIR --model model.json --config train.json --out OUT_DIR
 
 On a machine without CUDA the worker joins a CPU process group (gloo), so the
-same command tests data parallelism on a laptop. ``--encoded`` is a directory
-written by ``EncodedPairs.save``; ``--model`` / ``--config`` are a ModelSpec
-and a TrainConfig, each as a JSON file or an inline JSON object. The main
+same command tests data parallelism on a laptop. ``--inputs`` is a directory
+written by ``TrainingInputs.save`` (the encoded pairs and every per-pair input
+the method declared, one bundle whatever the method); ``--model`` / ``--config``
+are a ModelSpec and a TrainConfig, each as a JSON file or an inline JSON object. The main
 process writes ``OUT_DIR/weights`` (LoRA: ``pytorch_lora_weights.safetensors``,
 full: ``unet/``) and ``OUT_DIR/result.json`` (history, steps, timing).
 
@@ -19,7 +20,7 @@ step uses it when ``training.num_processes > 1``.
 Why a subprocess and not ZenML's ``run_with_accelerate`` (zenml 0.98,
 ``zenml.integrations.huggingface.steps``): it turns the step's inputs into
 command-line flags and accepts only str/int/float/bool/Path parameters, while
-our step takes an ``EncodedPairs`` artifact and pydantic configs; the process
+our step takes a ``TrainingInputs`` artifact and pydantic configs; the process
 count is fixed when the step is decorated, not read from the run config; and
 each worker re-runs the whole step body, where ``log_metadata`` has no step
 context. Handing the workers files (safetensors + JSON) avoids all three.
@@ -28,6 +29,7 @@ context. Handing the workers files (safetensors + JSON) avoids all three.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import shutil
@@ -40,15 +42,15 @@ from pathlib import Path
 
 import pydantic
 import torch
-from safetensors.torch import load_file, save_file
 
-from alignment.encoding import META_FILE, TENSORS_FILE, EncodedPairs
+from alignment.encoding import EncodedPairs
+from alignment.inputs import BUNDLE_META_FILE, TrainingInputs, as_training_inputs
 from alignment.models import ModelSpec, load_components
-from alignment.train import PairLabels, PreferenceTrainer, TrainConfig, TrainResult, save_trained_weights
+from alignment.train import PreferenceTrainer, TrainResult, save_trained_weights
+from alignment.train_config import TrainConfig
 
 RESULT_FILE = "result.json"
 WEIGHTS_DIR = "weights"
-LABELS_FILE = "labels.safetensors"
 
 
 class LaunchError(RuntimeError):
@@ -83,28 +85,14 @@ def _parse_model(flag: str, value: str, model_type: type[pydantic.BaseModel]):
         raise SystemExit(f"{flag}: not a valid {model_type.__name__}:\n{error}") from None
 
 
-def _load_encoded(directory: str) -> EncodedPairs:
+def _load_inputs(directory: str) -> TrainingInputs:
     path = Path(directory)
-    missing = [name for name in (TENSORS_FILE, META_FILE) if not (path / name).is_file()]
-    if missing:
+    if not (path / BUNDLE_META_FILE).is_file():
         raise SystemExit(
-            f"--encoded: {directory} is not an EncodedPairs directory (missing {', '.join(missing)}); "
-            "write one with EncodedPairs.save"
+            f"--inputs: {directory} is not a TrainingInputs directory (missing {BUNDLE_META_FILE}); "
+            "write one with TrainingInputs.save"
         )
-    return EncodedPairs.load(path)
-
-
-def save_labels(labels: PairLabels, path: Path) -> Path:
-    save_file({"soft_label": labels.soft_label.contiguous(), "swap": labels.swap.contiguous()}, str(path))
-    return path
-
-
-def load_labels(path: Path, encoded: EncodedPairs) -> PairLabels:
-    tensors = load_file(str(path))
-    labels = PairLabels(soft_label=tensors["soft_label"], swap=tensors["swap"].bool())
-    if labels.soft_label.shape[0] != len(encoded):
-        raise SystemExit(f"--labels: {path} has {labels.soft_label.shape[0]} rows, the encoded pairs {len(encoded)}")
-    return labels
+    return TrainingInputs.load(path)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -112,14 +100,12 @@ def build_parser() -> argparse.ArgumentParser:
         prog="python -m alignment.launch",
         description="One data-parallel training worker; start N of them with `accelerate launch`.",
     )
-    parser.add_argument("--encoded", required=True, help="directory written by EncodedPairs.save")
+    parser.add_argument("--inputs", required=True, help="directory written by TrainingInputs.save")
     parser.add_argument("--model", required=True, help="ModelSpec as a JSON file or inline JSON object")
     parser.add_argument("--config", required=True, help="TrainConfig as a JSON file or inline JSON object")
     parser.add_argument("--out", required=True, help="output directory (weights/ and result.json)")
     parser.add_argument("--checkpoint-dir", help="where checkpoints live (default: OUT/checkpoints)")
     parser.add_argument("--fingerprint", default="", help="run identity; refuses checkpoints of another run")
-    parser.add_argument("--labels", help="SmPO soft labels (safetensors with soft_label, swap)")
-    parser.add_argument("--inversion-cache", help="directory written by InversionCache.save (cached SmPO)")
     parser.add_argument("--progress", action="store_true", help="show a progress bar on the main process")
     return parser
 
@@ -144,13 +130,7 @@ def run_worker(argv: Sequence[str] | None = None) -> TrainResult:
     args = build_parser().parse_args(argv)
     model = _parse_model("--model", args.model, ModelSpec)
     config = _parse_model("--config", args.config, TrainConfig)
-    encoded = _load_encoded(args.encoded)
-    labels = load_labels(Path(args.labels), encoded) if args.labels else None
-    inversion_cache = None
-    if args.inversion_cache:
-        from alignment.inversion import InversionCache
-
-        inversion_cache = InversionCache.load(args.inversion_cache)
+    inputs = _load_inputs(args.inputs)
     out = Path(args.out)
 
     accelerator = _accelerator(config)
@@ -163,14 +143,12 @@ def run_worker(argv: Sequence[str] | None = None) -> TrainResult:
     components = load_components(model)
     trainer = PreferenceTrainer(
         components,
-        encoded,
+        inputs,
         config,
         checkpoint_dir=args.checkpoint_dir or out / "checkpoints",
         fingerprint=args.fingerprint,
         accelerator=accelerator,
         show_progress=args.progress,
-        labels=labels,
-        inversion_cache=inversion_cache,
     )
     trainer.setup()
     result = trainer.train()
@@ -210,13 +188,11 @@ def accelerate_command(num_processes: int, mixed_precision: str, worker_args: Se
 
 def launch_training(
     model: ModelSpec,
-    encoded: EncodedPairs,
+    inputs: TrainingInputs | EncodedPairs,
     config: TrainConfig,
     *,
     checkpoint_dir: str | Path,
     fingerprint: str = "",
-    labels: PairLabels | None = None,
-    inversion_cache=None,
     out_dir: str | Path | None = None,
     log_fn: Callable[[dict[str, float], int], None] | None = None,
     print_fn: Callable[[str], None] = print,
@@ -241,21 +217,18 @@ def launch_training(
     out.mkdir(parents=True, exist_ok=True)
     job = Path(tempfile.mkdtemp(prefix="alignment_launch_job_"))
     try:
-        encoded.save(job / "encoded")
+        # A full copy: the workers read files, not the artifact the bundle may point at.
+        dataclasses.replace(as_training_inputs(inputs), encoded_source=None).save(job / "inputs")
         (job / "model.json").write_text(model.model_dump_json())
         (job / "config.json").write_text(config.model_dump_json())
         worker_args = [
-            "--encoded", str(job / "encoded"),
+            "--inputs", str(job / "inputs"),
             "--model", str(job / "model.json"),
             "--config", str(job / "config.json"),
             "--out", str(out),
             "--checkpoint-dir", str(checkpoint_dir),
             "--fingerprint", fingerprint,
         ]  # fmt: skip
-        if labels is not None:
-            worker_args += ["--labels", str(save_labels(labels, job / LABELS_FILE))]
-        if inversion_cache is not None:
-            worker_args += ["--inversion-cache", str(inversion_cache.save(job / "inversion_cache"))]
         if show_progress:
             worker_args.append("--progress")
         env = dict(os.environ)

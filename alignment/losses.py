@@ -30,6 +30,9 @@ import torch.nn.functional as F
 # margin by 2500. Kept as a named constant so the convention is greppable.
 DPO_BETA_FACTOR = 0.5
 
+SMPO_GAMMA = 10.0
+"""SmPO's sensitivity gamma (paper and code): the pair scale is ``gamma * (2p - 1)``."""
+
 
 @dataclass(frozen=True)
 class LossOutput:
@@ -198,7 +201,7 @@ def smpo_loss(
     return LossOutput(loss=loss, metrics=metrics)
 
 
-def smpo_pair_scale(soft_label: torch.Tensor, gamma: float = 10.0) -> torch.Tensor:
+def smpo_pair_scale(soft_label: torch.Tensor, gamma: float = SMPO_GAMMA) -> torch.Tensor:
     """SmPO's per-pair beta factor ``gamma * (2p - 1)`` (algorithms.md §3.1).
 
     ``p`` is the smoothed probability that the trained winner beats the loser:

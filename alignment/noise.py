@@ -33,13 +33,18 @@ def noisy_latents_and_target(
 
     The target follows the scheduler's ``prediction_type``: the noise itself for
     epsilon-prediction (SD 1.5, SDXL base), the velocity for v-prediction.
+
+    The arithmetic runs in float32 and ``x_t`` is cast to ``latents``' dtype
+    afterwards: diffusers casts alpha-bar to the sample's dtype, and in bf16
+    alpha-bar rounds to 1 at the smallest timesteps, so x_t would equal x_0
+    while the target is still the noise. The target stays float32.
     """
-    noisy = scheduler.add_noise(latents, noise, timesteps)
+    noisy = scheduler.add_noise(latents.float(), noise.float(), timesteps).to(latents.dtype)
     prediction_type = scheduler.config.prediction_type
     if prediction_type == "epsilon":
-        target = noise
+        target = noise.float()
     elif prediction_type == "v_prediction":
-        target = scheduler.get_velocity(latents, noise, timesteps)
+        target = scheduler.get_velocity(latents.float(), noise.float(), timesteps)
     else:
         raise ValueError(
             f"unsupported prediction_type {prediction_type!r} in the noise scheduler config "

@@ -23,7 +23,7 @@ import torch
 from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from alignment.rewards.soft_labels import PICKSCORE_RAW_COSINE_BOUNDS, minmax_normalise, soft_preference
+from alignment.rewards.soft_labels import PICKSCORE_RAW_COSINE_BOUNDS, SMPO_GAMMA, minmax_normalise, soft_preference
 
 
 class SmoothingConfig(BaseModel):
@@ -94,7 +94,7 @@ def smooth_labels(
         "soft_label_mean": float(soft.mean()),
         "soft_label_min": float(soft.min()),
         "soft_label_max": float(soft.max()),
-        "pair_scale_mean_gamma10": float((10.0 * (2 * soft - 1)).mean()),
+        "pair_scale_mean_gamma10": float((SMPO_GAMMA * (2 * soft - 1)).mean()),
     }
     return labels, stats
 

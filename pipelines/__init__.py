@@ -1,16 +1,13 @@
-"""ZenML pipelines: composition only. ``PIPELINES`` is what run.py offers."""
+"""ZenML pipelines: composition only. ``PIPELINES`` is what run.py offers (names: ``pipelines.catalog``)."""
 
-from pipelines.alignment import dpo_sd15, dpo_sdxl, sft_sd15, sft_sdxl, smpo_sd15, smpo_sdxl
-from pipelines.promote import promote
+from __future__ import annotations
 
-PIPELINES = {
-    "dpo_sdxl": dpo_sdxl,
-    "dpo_sd15": dpo_sd15,
-    "sft_sdxl": sft_sdxl,
-    "sft_sd15": sft_sd15,
-    "smpo_sdxl": smpo_sdxl,
-    "smpo_sd15": smpo_sd15,
-    "promote": promote,
-}
 
-__all__ = ["PIPELINES", "promote", "dpo_sd15", "dpo_sdxl", "sft_sd15", "sft_sdxl", "smpo_sd15", "smpo_sdxl"]
+def __getattr__(name: str):
+    # Built on first use: importing ``pipelines.catalog`` (run.py --help) must not import ZenML.
+    if name == "PIPELINES":
+        from pipelines.alignment import TRAINING_PIPELINES
+        from pipelines.promote import promote
+
+        return {**TRAINING_PIPELINES, "promote": promote}
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,34 +1,42 @@
-"""The alignment pipelines: Diffusion-DPO, SFT and SmPO on SD 1.5 and SDXL.
+"""The alignment pipelines, one per registered method and architecture (``dpo_sdxl``, ``smpo_sd15``, ...).
 
     load_preferences -> validate_preferences -> encode_pairs
-        [SmPO: -> score_rewards -> smooth_preferences -> (invert_pairs, cached mode)]
-        -> train_alignment[_full] -> evaluate_alignment -> report_drift (vs production, else base)
+        -> the method's data steps (pipelines/methods/<method>.py; else bundle_inputs)
+        -> train_alignment -> evaluate_alignment -> report_drift (vs production, else base)
 
-Each pipeline registers a ZenML Model of its own name (set in its config), and
-every artifact it produces is linked to that model's new version.
+Each pipeline takes the common parameters plus the ones its method declares
+(``PreferenceMethod.pipeline_parameters``), registers a ZenML Model of its own
+name (set in its config), and links every artifact it produces to that
+model's new version. ZenML resolves a pipeline by module attribute, so each
+one is made here under its name.
 """
 
 from __future__ import annotations
 
-from zenml import pipeline
+import importlib
+import inspect
 
-from alignment.config import DataConfig, EncodeConfig, EvalConfig, OutputConfig, RewardConfig, ValidationConfig
+from zenml import pipeline
+from zenml.pipelines.pipeline_definition import Pipeline
+
+from alignment.config import DataConfig, EncodeConfig, EvalConfig, OutputConfig, ValidationConfig
+from alignment.methods import PreferenceMethod, get_method, method_module
 from alignment.models import ModelSpec
-from alignment.smoothing import SmoothingConfig
-from alignment.train import TrainConfig
+from alignment.train_config import TrainConfig
+from pipelines.catalog import ARCH_LABELS, training_pipelines
 from steps import (
+    bundle_inputs,
     encode_pairs,
     evaluate_alignment,
     find_drift_reference,
-    invert_pairs,
     load_preferences,
     report_drift,
-    score_rewards,
-    smooth_preferences,
-    train_alignment,
-    train_alignment_full,
     validate_preferences,
 )
+from steps.train_alignment import train_alignment_for
+
+_REQUIRED = {"data": DataConfig, "model": ModelSpec, "training": TrainConfig}
+_DEFAULTED = {"validation": ValidationConfig, "encoding": EncodeConfig, "output": OutputConfig, "evaluation": EvalConfig}
 
 
 def _check(name: str, arch: str, method: str, model: ModelSpec, training: TrainConfig) -> None:
@@ -38,141 +46,61 @@ def _check(name: str, arch: str, method: str, model: ModelSpec, training: TrainC
         raise ValueError(f"pipeline {name} runs {method}, but the config's training.method is {training.method!r}")
 
 
-def _encode(data: DataConfig, validation: ValidationConfig, model: ModelSpec, encoding: EncodeConfig):
+def _method_wiring(method: str):
+    """The method's ``training_inputs`` wiring, or None when the encoded pairs are all it needs."""
+    module_name = method_module(method).replace("alignment.methods", "pipelines.methods", 1)
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as error:
+        if error.name != module_name:
+            raise
+        return None
+    return module.training_inputs
+
+
+def _align(name: str, arch: str, method: type[PreferenceMethod], params: dict) -> None:
+    data, model, training = params["data"], params["model"], params["training"]
+    _check(name, arch, method.name, model, training)
     rows = load_preferences(data=data)
-    pairs, _report, _html = validate_preferences(rows=rows, data=data, validation=validation)
-    encoded = encode_pairs(pairs=pairs, model=model, encoding=encoding, data=data)
-    return pairs, encoded
-
-
-def _train_and_evaluate(
-    encoded,
-    model: ModelSpec,
-    training: TrainConfig,
-    output: OutputConfig,
-    evaluation: EvalConfig,
-    soft_labels=None,
-    inversion_cache=None,
-) -> None:
-    train = train_alignment if training.finetune == "lora" else train_alignment_full
-    weights, _metrics = train(
-        encoded=encoded,
-        model=model,
-        training=training,
-        output=output,
-        soft_labels=soft_labels,
-        inversion_cache=inversion_cache,
+    pairs, _report, _html = validate_preferences(rows=rows, data=data, validation=params["validation"])
+    encoded = encode_pairs(pairs=pairs, model=model, encoding=params["encoding"], data=data)
+    wiring = _method_wiring(method.name)
+    if wiring is None:
+        inputs = bundle_inputs(encoded=encoded)
+    else:
+        extra = {key: params[key] for key in method.pipeline_parameters}
+        inputs = wiring(pairs=pairs, encoded=encoded, model=model, training=training, **extra)
+    weights, _metrics = train_alignment_for(training)(
+        inputs=inputs, model=model, training=training, output=params["output"]
     )
+    evaluation = params["evaluation"]
     _report, _grid, samples = evaluate_alignment(weights=weights, model=model, evaluation=evaluation)
     # Reports reuse evaluation's per-image rows; the style-alignment report (alignment.reports.STYLE_REPORT)
     # joins here as a sibling of report_drift when its scorer lands.
     report_drift(eval_samples=samples, reference=find_drift_reference(), model=model, evaluation=evaluation)
 
 
-def _baseline(name, arch, method, data, model, training, validation, encoding, output, evaluation) -> None:
-    _check(name, arch, method, model, training)
-    _pairs, encoded = _encode(data, validation, model, encoding)
-    _train_and_evaluate(encoded, model, training, output, evaluation)
+def _signature(method: type[PreferenceMethod]) -> inspect.Signature:
+    keyword = inspect.Parameter.KEYWORD_ONLY
+    required = [inspect.Parameter(n, keyword, annotation=t) for n, t in _REQUIRED.items()]
+    defaulted = {**method.pipeline_parameters, **_DEFAULTED}
+    optional = [inspect.Parameter(n, keyword, annotation=t, default=t()) for n, t in defaulted.items()]
+    return inspect.Signature([*required, *optional], return_annotation=None)
 
 
-def _smpo(name, arch, data, model, training, reward, smoothing, validation, encoding, output, evaluation) -> None:
-    _check(name, arch, "smpo", model, training)
-    pairs, encoded = _encode(data, validation, model, encoding)
-    scores = score_rewards(pairs=pairs, reward=reward)
-    labels, _histogram = smooth_preferences(reward_scores=scores, smoothing=smoothing)
-    cache = None
-    if training.inversion is not None and training.inversion.mode == "cached":
-        cache = invert_pairs(encoded=encoded, model=model, training=training)
-    _train_and_evaluate(encoded, model, training, output, evaluation, soft_labels=labels, inversion_cache=cache)
+def _make_pipeline(name: str, method_name: str, arch: str) -> Pipeline:
+    method = get_method(method_name)
+
+    def entrypoint(**params) -> None:
+        _align(name, arch, method, params)
+
+    entrypoint.__name__ = entrypoint.__qualname__ = name
+    entrypoint.__module__ = __name__
+    entrypoint.__doc__ = f"{method.summary} on {ARCH_LABELS[arch]}."
+    entrypoint.__signature__ = _signature(method)
+    return pipeline(name=name)(entrypoint)
 
 
-# ZenML resolves pipelines by module attribute, so each one is a named function
-# here; they differ only in their name, architecture and method.
-
-
-@pipeline
-def dpo_sdxl(
-    data: DataConfig,
-    model: ModelSpec,
-    training: TrainConfig,
-    validation: ValidationConfig = ValidationConfig(),
-    encoding: EncodeConfig = EncodeConfig(),
-    output: OutputConfig = OutputConfig(),
-    evaluation: EvalConfig = EvalConfig(),
-) -> None:
-    """Diffusion-DPO on SDXL (two text encoders, micro-conditioning)."""
-    _baseline("dpo_sdxl", "sdxl", "dpo", data, model, training, validation, encoding, output, evaluation)
-
-
-@pipeline
-def dpo_sd15(
-    data: DataConfig,
-    model: ModelSpec,
-    training: TrainConfig,
-    validation: ValidationConfig = ValidationConfig(),
-    encoding: EncodeConfig = EncodeConfig(),
-    output: OutputConfig = OutputConfig(),
-    evaluation: EvalConfig = EvalConfig(),
-) -> None:
-    """Diffusion-DPO on Stable Diffusion 1.5."""
-    _baseline("dpo_sd15", "sd15", "dpo", data, model, training, validation, encoding, output, evaluation)
-
-
-@pipeline
-def sft_sdxl(
-    data: DataConfig,
-    model: ModelSpec,
-    training: TrainConfig,
-    validation: ValidationConfig = ValidationConfig(),
-    encoding: EncodeConfig = EncodeConfig(),
-    output: OutputConfig = OutputConfig(),
-    evaluation: EvalConfig = EvalConfig(),
-) -> None:
-    """Supervised fine-tuning of SDXL on the preferred images (baseline)."""
-    _baseline("sft_sdxl", "sdxl", "sft", data, model, training, validation, encoding, output, evaluation)
-
-
-@pipeline
-def sft_sd15(
-    data: DataConfig,
-    model: ModelSpec,
-    training: TrainConfig,
-    validation: ValidationConfig = ValidationConfig(),
-    encoding: EncodeConfig = EncodeConfig(),
-    output: OutputConfig = OutputConfig(),
-    evaluation: EvalConfig = EvalConfig(),
-) -> None:
-    """Supervised fine-tuning of SD 1.5 on the preferred images (baseline)."""
-    _baseline("sft_sd15", "sd15", "sft", data, model, training, validation, encoding, output, evaluation)
-
-
-@pipeline
-def smpo_sdxl(
-    data: DataConfig,
-    model: ModelSpec,
-    training: TrainConfig,
-    reward: RewardConfig = RewardConfig(),
-    smoothing: SmoothingConfig = SmoothingConfig(),
-    validation: ValidationConfig = ValidationConfig(),
-    encoding: EncodeConfig = EncodeConfig(),
-    output: OutputConfig = OutputConfig(),
-    evaluation: EvalConfig = EvalConfig(),
-) -> None:
-    """SmPO-Diffusion on SDXL: reward-smoothed soft labels + ReNoise inversion."""
-    _smpo("smpo_sdxl", "sdxl", data, model, training, reward, smoothing, validation, encoding, output, evaluation)
-
-
-@pipeline
-def smpo_sd15(
-    data: DataConfig,
-    model: ModelSpec,
-    training: TrainConfig,
-    reward: RewardConfig = RewardConfig(),
-    smoothing: SmoothingConfig = SmoothingConfig(),
-    validation: ValidationConfig = ValidationConfig(),
-    encoding: EncodeConfig = EncodeConfig(),
-    output: OutputConfig = OutputConfig(),
-    evaluation: EvalConfig = EvalConfig(),
-) -> None:
-    """SmPO-Diffusion on Stable Diffusion 1.5."""
-    _smpo("smpo_sd15", "sd15", data, model, training, reward, smoothing, validation, encoding, output, evaluation)
+TRAINING_PIPELINES: dict[str, Pipeline] = {}
+for _name, (_method, _arch) in training_pipelines().items():
+    TRAINING_PIPELINES[_name] = globals()[_name] = _make_pipeline(_name, _method, _arch)

@@ -7,21 +7,17 @@ from typing import Annotated
 import pandas as pd
 from zenml import ArtifactConfig, log_metadata, step
 
-import alignment.conditioning
-import alignment.data
-import alignment.encoding
-import alignment.models
 from alignment.config import DataConfig, EncodeConfig, resolve_device, torch_dtype
 from alignment.encoding import EncodedPairs
 from alignment.encoding import encode_pairs as encode_pairs_with_model
 from alignment.models import ModelSpec, load_components
-from steps.caching import cache_on
+from steps.caching import TOY_BASE_MODELS, cache_on
 from steps.materializers import EncodedPairsMaterializer
 
 
 @step(
     output_materializers=EncodedPairsMaterializer,
-    cache_policy=cache_on(alignment.data, alignment.encoding, alignment.conditioning, alignment.models),
+    cache_policy=cache_on(__name__, data=TOY_BASE_MODELS),
 )
 def encode_pairs(
     pairs: pd.DataFrame,

@@ -9,15 +9,14 @@ import pandas as pd
 from PIL import Image
 from zenml import ArtifactConfig, log_metadata, step
 
-import alignment.evaluate
 from alignment.config import EvalConfig
 from alignment.evaluate import evaluate_config, sample_grid
 from alignment.models import ModelSpec, load_components
 from steps import tracking
-from steps.caching import cache_on
+from steps.caching import TOY_BASE_MODELS, TOY_ORACLE, TOY_REWARD_MODEL, cache_on
 
 
-@step(cache_policy=cache_on(alignment.evaluate))
+@step(cache_policy=cache_on(__name__, data=TOY_BASE_MODELS + TOY_ORACLE + TOY_REWARD_MODEL))
 def evaluate_alignment(
     weights: Path,
     model: ModelSpec,

@@ -6,29 +6,26 @@ from typing import Annotated
 
 from zenml import ArtifactConfig, log_metadata, step
 
-import alignment.inversion
-import alignment.train
 from alignment.encoding import EncodedPairs
-from alignment.inversion import InversionCache
+from alignment.inversion import InversionCache, InversionConfig, build_inversion_cache
 from alignment.models import ModelSpec, load_components
-from alignment.train import TrainConfig, build_inversion_cache
-from steps.caching import cache_on
+from steps.caching import TOY_BASE_MODELS, cache_on
 from steps.materializers import InversionCacheMaterializer
 
 
-@step(output_materializers=InversionCacheMaterializer, cache_policy=cache_on(alignment.inversion, alignment.train))
+@step(output_materializers=InversionCacheMaterializer, cache_policy=cache_on(__name__, data=TOY_BASE_MODELS))
 def invert_pairs(
-    encoded: EncodedPairs, model: ModelSpec, training: TrainConfig
+    encoded: EncodedPairs, model: ModelSpec, inversion: InversionConfig, seed: int
 ) -> Annotated[InversionCache, ArtifactConfig(name="inversion_cache")]:
-    """ReNoise-invert winners and losers at one timestep per pair, before training.
+    """ReNoise-invert winners and losers at ``inversion.timesteps_per_pair`` timesteps per pair, before training.
 
     The cache depends on the data, the model, the inversion settings and the
-    seed; a beta or gamma sweep reuses it from ZenML's cache.
+    seed only: a beta, gamma or learning-rate sweep reuses it from ZenML's cache.
 
     Returns:
-        The inverted latents and target noises (rows: winners, then losers).
+        The inverted latents and target noises (rows: K blocks of winners, then losers).
     """
     components = load_components(model)
-    cache = build_inversion_cache(components, encoded, training)
+    cache = build_inversion_cache(components, encoded, inversion, seed)
     log_metadata({"rows": len(cache), **{k: str(v) for k, v in cache.metadata.items()}}, infer_artifact=True)
     return cache

@@ -9,8 +9,6 @@ import pandas as pd
 from zenml import ArtifactConfig, get_step_context, log_metadata, step
 from zenml.utils import source_utils
 
-import alignment.data
-import alignment.versioning
 from alignment.config import DataConfig
 from alignment.data import load_preference_frame
 from alignment.versioning import data_version
@@ -22,7 +20,7 @@ logger = logging.getLogger(__name__)
 # dvc.lock holds the DVC hashes of the in-repo datasets: hashing its contents
 # into the cache key means `dvc repro` of a data stage re-runs loading even when
 # the launcher did not fill in `data.fingerprint` (e.g. a run started from Python).
-_CACHE = cache_on(alignment.data, alignment.versioning).model_copy(update={"file_dependencies": ["dvc.lock"]})
+_CACHE = cache_on(__name__, data=["dvc.lock"])
 
 
 @step(cache_policy=_CACHE)

@@ -1,7 +1,7 @@
 """Materializers for the project's own artifact types.
 
-``EncodedPairs`` and ``InversionCache`` are stored as safetensors + json (never pickled), through the
-artifact store's file API so the same code works on local disk, GCS and S3.
+``EncodedPairs``, ``InversionCache`` and ``TrainingInputs`` are stored as safetensors + json (never
+pickled), through the artifact store's file API so the same code works on local disk, GCS and S3.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ from zenml.io import fileio
 from zenml.materializers.base_materializer import BaseMaterializer
 
 from alignment.encoding import EncodedPairs
+from alignment.inputs import TrainingInputs
 from alignment.inversion import InversionCache
 
 
@@ -54,3 +55,54 @@ class InversionCacheMaterializer(SafetensorsDirectoryMaterializer):
 
     def extract_metadata(self, data: InversionCache) -> dict[str, Any]:
         return {"rows": len(data)}
+
+
+class TrainingInputsMaterializer(SafetensorsDirectoryMaterializer):
+    """The per-pair training bundle; it points at the stored ``encoded_pairs`` instead of copying them."""
+
+    ASSOCIATED_TYPES: ClassVar[tuple[type[Any], ...]] = (TrainingInputs,)
+
+    def save(self, data: TrainingInputs) -> None:
+        with self.get_temporary_directory(delete_at_exit=True) as local:
+            data.save(local)
+            for name in os.listdir(local):
+                self._copy_tree(os.path.join(local, name), os.path.join(self.uri, name))
+
+    def _copy_tree(self, source: str, target: str) -> None:
+        if os.path.isdir(source):
+            fileio.makedirs(target)
+            for name in os.listdir(source):
+                self._copy_tree(os.path.join(source, name), os.path.join(target, name))
+        else:
+            fileio.copy(source, target, overwrite=True)
+
+    def load(self, data_type: type[Any]) -> TrainingInputs:
+        with self.get_temporary_directory(delete_at_exit=True) as local:
+            self._download(self.uri, local)
+
+            def load_encoded(uri: str) -> EncodedPairs:
+                return EncodedPairsMaterializer(uri, artifact_store=self.artifact_store).load(EncodedPairs)
+
+            return TrainingInputs.load(local, load_encoded=load_encoded)
+
+    def _download(self, source: str, target: str) -> None:
+        os.makedirs(target, exist_ok=True)
+        for name in fileio.listdir(source):
+            name = str(name)
+            if fileio.isdir(os.path.join(source, name)):
+                self._download(os.path.join(source, name), os.path.join(target, name))
+            else:
+                fileio.copy(os.path.join(source, name), os.path.join(target, name), overwrite=True)
+
+    def extract_metadata(self, data: TrainingInputs) -> dict[str, Any]:
+        return data.summary()
+
+
+def pointing_at_input(inputs: TrainingInputs, input_name: str) -> TrainingInputs:
+    """Mark ``inputs`` to be stored as a pointer to the step input ``input_name``'s artifact (its encoded pairs)."""
+    from zenml import get_step_context
+
+    artifacts = get_step_context().inputs.get(input_name) or []
+    if artifacts:
+        inputs.encoded_source = artifacts[0].uri
+    return inputs

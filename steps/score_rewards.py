@@ -7,27 +7,12 @@ from typing import Annotated
 import pandas as pd
 from zenml import ArtifactConfig, log_metadata, step
 
-import alignment.rewards.base
-import alignment.rewards.clip_scorers
-import alignment.rewards.hps
-import alignment.rewards.image_reward
-import alignment.rewards.pairs
-import alignment.toyworld.reward_model
 from alignment.config import RewardConfig
 from alignment.rewards.pairs import score_pairs
-from steps.caching import cache_on
+from steps.caching import TOY_REWARD_MODEL, cache_on
 
 
-@step(
-    cache_policy=cache_on(
-        alignment.rewards.pairs,
-        alignment.rewards.base,
-        alignment.rewards.clip_scorers,
-        alignment.rewards.hps,
-        alignment.rewards.image_reward,
-        alignment.toyworld.reward_model,
-    )
-)
+@step(cache_policy=cache_on(__name__, data=TOY_REWARD_MODEL))
 def score_rewards(pairs: pd.DataFrame, reward: RewardConfig) -> Annotated[dict, ArtifactConfig(name="reward_scores")]:
     """Reward of the winner and the loser of each pair; cached, so a beta or gamma sweep scores once.
 

@@ -8,12 +8,11 @@ import torch
 from PIL import Image
 from zenml import ArtifactConfig, log_metadata, step
 
-import alignment.smoothing
 from alignment.smoothing import SmoothingConfig, smooth_labels, soft_label_histogram
 from steps.caching import cache_on
 
 
-@step(cache_policy=cache_on(alignment.smoothing))
+@step(cache_policy=cache_on(__name__))
 def smooth_preferences(
     reward_scores: dict, smoothing: SmoothingConfig
 ) -> tuple[

@@ -8,15 +8,12 @@ import pandas as pd
 from zenml import ArtifactConfig, log_metadata, save_artifact, step
 from zenml.types import HTMLString
 
-import alignment.data
-import alignment.gx_suite
-import alignment.validation
 from alignment.config import DataConfig, ValidationConfig
 from alignment.validation import PreferenceValidationError, validate_preference_rows
 from steps.caching import cache_on
 
 
-@step(cache_policy=cache_on(alignment.data, alignment.gx_suite, alignment.validation))
+@step(cache_policy=cache_on(__name__))
 def validate_preferences(
     rows: pd.DataFrame,
     data: DataConfig,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 from safetensors.torch import load_file
 
+from alignment.inputs import TrainingInputs
 from alignment.launch import launch_training, run_worker
 from alignment.models import LORA_WEIGHTS_FILE, ModelSpec, build_tiny_components, load_components, lora_state_dict
 from alignment.train import PreferenceTrainer, train_alignment
@@ -71,12 +72,12 @@ def test_a_multi_process_config_is_refused_in_a_single_process(tmp_path, pairs):
 
 
 def test_the_worker_names_bad_inputs(tmp_path, pairs):
-    pairs.save(tmp_path / "encoded")
+    TrainingInputs(encoded=pairs).save(tmp_path / "inputs")
     model = '{"arch": "sdxl", "pretrained": "tiny"}'
     base = ["--model", model, "--out", str(tmp_path / "out")]
-    with pytest.raises(SystemExit, match="--encoded: .* is not an EncodedPairs directory"):
-        run_worker(["--encoded", str(tmp_path), "--config", "{}", *base])
+    with pytest.raises(SystemExit, match="--inputs: .* is not a TrainingInputs directory"):
+        run_worker(["--inputs", str(tmp_path), "--config", "{}", *base])
     with pytest.raises(SystemExit, match="--config: not a valid TrainConfig(.|\n)*train_batch_size"):
-        run_worker(["--encoded", str(tmp_path / "encoded"), "--config", '{"train_batch_size": 0}', *base])
+        run_worker(["--inputs", str(tmp_path / "inputs"), "--config", '{"train_batch_size": 0}', *base])
     with pytest.raises(SystemExit, match="--config: .*missing.json.* is neither a JSON object nor an existing"):
-        run_worker(["--encoded", str(tmp_path / "encoded"), "--config", str(tmp_path / "missing.json"), *base])
+        run_worker(["--inputs", str(tmp_path / "inputs"), "--config", str(tmp_path / "missing.json"), *base])

@@ -10,14 +10,13 @@ import torch
 from alignment.conditioning import encode_prompts, sdxl_time_ids
 from alignment.encoding import EncodedPairs
 from alignment.models import LoraSpec, build_tiny_components, lora_state_dict
-from alignment.train import (
-    PreferenceTrainer,
-    TrainConfig,
-    gather_batch,
-    global_batch_indices,
-    list_checkpoints,
-    train_alignment,
-)
+from alignment.batching import gather_batch
+from alignment.checkpoints import list_checkpoints
+from alignment.inputs import global_batch_indices
+from alignment.inversion import InversionCache, InversionConfig, build_inversion_cache
+from alignment.methods import smpo
+from alignment.train import PreferenceTrainer, train_alignment
+from alignment.train_config import TrainConfig
 
 
 def synthetic_pairs(components, num_pairs: int = 6, latent_size: int = 16, seed: int = 0) -> EncodedPairs:
@@ -220,12 +219,20 @@ def test_encoded_pairs_round_trip(tmp_path, sdxl_pairs):
         assert torch.equal(loaded.tensors()[name], tensor), name
 
 
-def soft_labels(pairs: EncodedPairs, p: float, swap_every: int = 0):
-    from alignment.train import PairLabels
-
+def soft_labels(pairs: EncodedPairs, p: float, swap_every: int = 0) -> dict:
+    """The smoothing step's output for ``pairs``: every soft label ``p``, every ``swap_every``-th pair swapped."""
     n = len(pairs)
     swap = [swap_every > 0 and i % swap_every == 0 for i in range(n)]
-    return PairLabels.from_dict({"pair_ids": pairs.pair_ids, "soft_label": [p] * n, "swap": swap}, pairs)
+    return {"pair_ids": pairs.pair_ids, "soft_label": [p] * n, "swap": swap}
+
+
+def smpo_config(inversion: InversionConfig | None = None, gamma: float | None = None, **overrides) -> TrainConfig:
+    options = {}
+    if inversion is not None:
+        options["inversion"] = inversion.model_dump()
+    if gamma is not None:
+        options["gamma"] = gamma
+    return tiny_config(method="smpo", method_options=options, **overrides)
 
 
 def test_smpo_with_certain_labels_and_gamma_one_is_dpo(tmp_path, sdxl_pairs):
@@ -236,27 +243,24 @@ def test_smpo_with_certain_labels_and_gamma_one_is_dpo(tmp_path, sdxl_pairs):
         checkpoint_dir=tmp_path / "dpo",
         show_progress=False,
     )
-    smpo = train_alignment(
+    smpo_run = train_alignment(
         build_tiny_components("sdxl"),
-        sdxl_pairs,
-        tiny_config(method="smpo", smpo_gamma=1.0, max_train_steps=2),
+        smpo.build_inputs(sdxl_pairs, soft_labels(sdxl_pairs, 1.0)),
+        smpo_config(gamma=1.0, max_train_steps=2),
         checkpoint_dir=tmp_path / "smpo",
-        labels=soft_labels(sdxl_pairs, 1.0),
         show_progress=False,
     )
-    for a, b in zip(dpo.history, smpo.history, strict=True):
+    for a, b in zip(dpo.history, smpo_run.history, strict=True):
         assert b["loss/smpo"] == pytest.approx(a["loss/dpo"], rel=1e-5, abs=1e-7)
 
 
 def test_smpo_at_p_one_half_does_not_move_the_lora(tmp_path, sdxl_pairs):
     components = build_tiny_components("sdxl")
-    config = tiny_config(method="smpo", max_train_steps=2, weight_decay=0.0)
     train_alignment(
         components,
-        sdxl_pairs,
-        config,
+        smpo.build_inputs(sdxl_pairs, soft_labels(sdxl_pairs, 0.5)),
+        smpo_config(max_train_steps=2, weight_decay=0.0),
         checkpoint_dir=tmp_path,
-        labels=soft_labels(sdxl_pairs, 0.5),
         show_progress=False,
     )
     ups = [v for k, v in lora_state_dict(components.unet).items() if k.endswith("lora.up.weight")]
@@ -265,10 +269,6 @@ def test_smpo_at_p_one_half_does_not_move_the_lora(tmp_path, sdxl_pairs):
 
 @pytest.mark.parametrize("mode", ["online", "cached"])
 def test_smpo_trains_with_renoise_inversion(tmp_path, sdxl_pairs, mode):
-    from alignment.inversion import InversionCache
-    from alignment.train import InversionSettings
-
-    config = tiny_config(method="smpo", max_train_steps=2, inversion=InversionSettings(mode=mode, grid_steps=4))
     cache = None
     if mode == "cached":
         n = len(sdxl_pairs)
@@ -276,37 +276,40 @@ def test_smpo_trains_with_renoise_inversion(tmp_path, sdxl_pairs, mode):
         cache = InversionCache(x_t=x0 * 0.5, timesteps=torch.full((2 * n,), 500), target=torch.randn_like(x0))
     result = train_alignment(
         build_tiny_components("sdxl"),
-        sdxl_pairs,
-        config,
+        smpo.build_inputs(sdxl_pairs, soft_labels(sdxl_pairs, 0.8, swap_every=3), cache),
+        smpo_config(InversionConfig(mode=mode, grid_steps=4), max_train_steps=2),
         checkpoint_dir=tmp_path,
-        labels=soft_labels(sdxl_pairs, 0.8, swap_every=3),
-        inversion_cache=cache,
         show_progress=False,
     )
     assert result.final_step == 2
     assert result.history[-1]["smpo/pair_scale_mean"] == pytest.approx(6.0)
     assert math.isfinite(result.history[-1]["loss/smpo"])
+    # every method's metrics reach the summary, smoothed over the last steps too
+    assert "smpo/pair_scale_mean_last10" in result.summary() and "mse/policy_w_last10" in result.summary()
 
 
 def test_label_swap_exchanges_winner_and_loser(sdxl_pairs):
-    labels = soft_labels(sdxl_pairs, 0.7, swap_every=2)  # swaps pairs 0, 2, 4
-    batch = gather_batch(sdxl_pairs, [0, 1], torch.tensor([False, False]), torch.device("cpu"), torch.float32, labels)
+    n = len(sdxl_pairs)
+    x0 = torch.cat([sdxl_pairs.latents_w, sdxl_pairs.latents_l])
+    cache = InversionCache(x_t=x0 * 0.5, timesteps=torch.arange(2 * n), target=x0 * 2)
+    inputs = smpo.build_inputs(sdxl_pairs, soft_labels(sdxl_pairs, 0.7, swap_every=2), cache)  # swaps 0, 2, 4
+    batch = gather_batch(inputs, [0, 1], torch.tensor([False, False]), torch.device("cpu"), torch.float32)
     assert torch.equal(batch.latents_w[0], sdxl_pairs.latents_l[0])
     assert torch.equal(batch.latents_w[1], sdxl_pairs.latents_w[1])
-    assert batch.soft_label.tolist() == pytest.approx([0.7, 0.7])
+    assert torch.equal(batch.time_ids_w[0], sdxl_pairs.time_ids_l[0])
+    # the cached inversion of a pair swaps with it: pair 0's winner row is now its loser's (row n)
+    assert batch.extras["inversion_timesteps_w"][:, 0].tolist() == [n, 1]
+    assert torch.equal(batch.extras["inversion_x_t_w"][0, 0], cache.x_t[n])
+    assert batch.extras["soft_label"].tolist() == pytest.approx([0.7, 0.7])
+    assert inputs.metadata["swapped_pairs"] == 3
 
 
-def test_smpo_without_labels_is_refused(tmp_path, sdxl_pairs):
-    with pytest.raises(ValueError, match="soft labels"):
-        PreferenceTrainer(
-            build_tiny_components("sdxl"), sdxl_pairs, tiny_config(method="smpo"), checkpoint_dir=tmp_path
-        )
+def test_smpo_without_soft_labels_is_refused_by_name(tmp_path, sdxl_pairs):
+    with pytest.raises(ValueError, match="method 'smpo' needs the per-pair input.*soft_label"):
+        PreferenceTrainer(build_tiny_components("sdxl"), sdxl_pairs, smpo_config(), checkpoint_dir=tmp_path)
 
 
 def test_cached_inversion_with_several_timesteps_per_pair(tmp_path, sdxl_pairs):
-    from alignment.inversion import InversionCache
-    from alignment.train import InversionSettings
-
     n = len(sdxl_pairs)
     x0 = torch.cat([sdxl_pairs.latents_w, sdxl_pairs.latents_l])
     # Block k holds the pairs at timestep 100 * (k + 1).
@@ -315,65 +318,50 @@ def test_cached_inversion_with_several_timesteps_per_pair(tmp_path, sdxl_pairs):
         timesteps=torch.cat([torch.full((2 * n,), 100), torch.full((2 * n,), 200)]),
         target=torch.randn(4 * n, *x0.shape[1:]),
     )
-    batch = gather_batch(
-        sdxl_pairs,
-        [0, 1],
-        torch.tensor([False, False]),
-        torch.device("cpu"),
-        torch.float32,
-        inversion_cache=cache,
-        cache_slot=torch.tensor([1, 0]),
-    )
-    assert batch.cached_w[2].tolist() == [200, 100] and batch.cached_l[2].tolist() == [200, 100]
-    assert torch.equal(batch.cached_l[0][0], cache.x_t[n + 0 + 2 * n])
+    inputs = smpo.build_inputs(sdxl_pairs, soft_labels(sdxl_pairs, 0.8), cache)
+    assert inputs.pair_inputs["inversion_timesteps_w"][0].tolist() == [100, 200]
+    assert torch.equal(inputs.pair_inputs["inversion_x_t_l"][0, 1], cache.x_t[n + 0 + 2 * n])
 
-    inversion = InversionSettings(mode="cached", grid_steps=4, timesteps_per_pair=2)
-    config = tiny_config(method="smpo", max_train_steps=2, inversion=inversion)
-    labels = soft_labels(sdxl_pairs, 0.8)
+    inversion = InversionConfig(mode="cached", grid_steps=4, timesteps_per_pair=2)
     result = train_alignment(
         build_tiny_components("sdxl"),
-        sdxl_pairs,
-        config,
+        inputs,
+        smpo_config(inversion, max_train_steps=2),
         checkpoint_dir=tmp_path / "k2",
-        labels=labels,
-        inversion_cache=cache,
         show_progress=False,
     )
     assert result.final_step == 2 and math.isfinite(result.history[-1]["loss/smpo"])
-    single = tiny_config(method="smpo", max_train_steps=1, inversion=InversionSettings(mode="cached", grid_steps=4))
-    with pytest.raises(ValueError, match="1 timestep"):
+    single = smpo_config(InversionConfig(mode="cached", grid_steps=4), max_train_steps=1)
+    with pytest.raises(ValueError, match="2 timestep.* but inversion.timesteps_per_pair is 1"):
         train_alignment(
-            build_tiny_components("sdxl"),
-            sdxl_pairs,
-            single,
-            checkpoint_dir=tmp_path / "k1",
-            labels=labels,
-            inversion_cache=cache,
-            show_progress=False,
+            build_tiny_components("sdxl"), inputs, single, checkpoint_dir=tmp_path / "k1", show_progress=False
         )
 
 
 def test_inversion_cache_holds_every_timestep_block(sdxl_pairs):
-    from alignment.train import InversionSettings, build_inversion_cache
-
     components = build_tiny_components("sdxl")
-    subset = sdxl_pairs
-    one = build_inversion_cache(
-        components,
-        subset,
-        tiny_config(method="smpo", inversion=InversionSettings(mode="cached", grid_steps=2)),
-        show_progress=False,
-    )
+    one = build_inversion_cache(components, sdxl_pairs, InversionConfig(mode="cached", grid_steps=2), 0, show_progress=False)
     two = build_inversion_cache(
         components,
-        subset,
-        tiny_config(method="smpo", inversion=InversionSettings(mode="cached", grid_steps=2, timesteps_per_pair=2)),
+        sdxl_pairs,
+        InversionConfig(mode="cached", grid_steps=2, timesteps_per_pair=2),
+        0,
         show_progress=False,
     )
-    n = len(subset)
+    n = len(sdxl_pairs)
     assert len(one) == 2 * n and len(two) == 4 * n
     # Block 0 is the single-timestep cache; winners and losers of a pair share their timestep.
     assert torch.equal(two.timesteps[: 2 * n], one.timesteps)
     torch.testing.assert_close(two.x_t[: 2 * n], one.x_t)
     assert torch.equal(two.timesteps[2 * n : 3 * n], two.timesteps[3 * n :])
     assert two.metadata["timesteps_per_pair"] == 2
+
+
+def test_unknown_method_and_bad_method_options_name_the_field():
+    with pytest.raises(ValueError, match="unknown method 'ppo'; registered methods: dpo, sft, smpo"):
+        TrainConfig(method="ppo")
+    with pytest.raises(ValueError, match="method_options.gamma: Input should be greater than 0"):
+        TrainConfig(method="smpo", method_options={"gamma": -1})
+    with pytest.raises(ValueError, match="method_options.beta: Extra inputs are not permitted"):
+        TrainConfig(method="dpo", method_options={"beta": 1})
+    assert TrainConfig(method="smpo").method_options == {"gamma": 10.0, "inversion": None}

@@ -24,7 +24,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from alignment.losses import smpo_pair_scale  # noqa: F401  (re-exported: the loss owns the factor)
+from alignment.losses import SMPO_GAMMA, smpo_pair_scale  # noqa: F401  (re-exported: the loss owns the factor)
 
 PICKSCORE_RAW_COSINE_BOUNDS = (0.11543526500463486, 0.28201571106910706)
 """(min, max) of PickScore's raw cosine over Pick-a-Pic v2, as hard-coded in SmPO's ``train.py``.
@@ -32,9 +32,6 @@ PICKSCORE_RAW_COSINE_BOUNDS = (0.11543526500463486, 0.28201571106910706)
 Only valid for ``load_scorer("pickscore", raw_cosine=True)`` scores: the
 default PickScore scale (``logit_scale.exp()`` × cosine) is about 100 times larger.
 """
-
-SMPO_GAMMA = 10.0
-"""SmPO's sensitivity γ (paper and code)."""
 
 
 def minmax_normalise(

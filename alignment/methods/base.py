@@ -1,0 +1,69 @@
+"""What a training method is: the contract between a method module and the trainer.
+
+A method is one class in one module of ``alignment/methods/`` (torchtune's
+habit: the recipe is generic, the method is chosen by config). It declares
+
+* ``Options``: its own settings, given as ``training.method_options``;
+* ``uses_reference``: whether training needs the frozen reference model;
+* ``pair_inputs``: the per-pair tensors it reads from the ``TrainingInputs``
+  bundle (made by its data step), checked before training starts;
+* ``pipeline_parameters``: the extra pipeline parameters its data steps take
+  (SmPO: the reward model and the smoothing); the steps themselves are wired
+  by ``training_inputs`` in ``pipelines/methods/<name>.py`` (no such module:
+  the encoded pairs are all it needs);
+* ``loss(step, batch)``: its loss on one micro-batch, from the per-sample
+  errors the ``TrainingStep`` computes;
+* optionally ``batch_source``: which pairs make up a batch (random by default).
+
+The trainer only ever calls these; it never asks a method its name.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, ClassVar
+
+from pydantic import BaseModel, ConfigDict
+
+from alignment.inputs import BatchSource, RandomBatches, TrainingInputs
+from alignment.losses import LossOutput
+
+if TYPE_CHECKING:
+    from alignment.batching import PairBatch
+    from alignment.train import TrainingStep
+    from alignment.train_config import TrainConfig
+
+
+class NoOptions(BaseModel):
+    """A method without settings of its own."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+class PreferenceMethod:
+    """Base class of the training methods; a subclass per module, registered by its ``name``."""
+
+    name: ClassVar[str]
+    summary: ClassVar[str] = ""
+    Options: ClassVar[type[BaseModel]] = NoOptions
+    uses_reference: ClassVar[bool] = True
+    pair_inputs: ClassVar[tuple[str, ...]] = ()
+    pipeline_parameters: ClassVar[dict[str, type[BaseModel]]] = {}
+
+    def __init__(self, config: TrainConfig) -> None:
+        self.config = config
+        self.options = self.Options.model_validate(config.method_options)
+
+    @property
+    def metric_prefix(self) -> str:
+        """Metrics are namespaced ``loss/<name>``, ``<name>/implicit_acc``, ..."""
+        return self.name
+
+    def check_inputs(self, inputs: TrainingInputs) -> None:
+        """Refuse, before training starts, a bundle that lacks what this method reads."""
+        inputs.require(self.name, self.pair_inputs)
+
+    def batch_source(self, inputs: TrainingInputs) -> BatchSource:
+        return RandomBatches(num_pairs=len(inputs), seed=self.config.seed)
+
+    def loss(self, step: TrainingStep, batch: PairBatch) -> LossOutput:
+        raise NotImplementedError
