@@ -19,11 +19,10 @@ import inspect
 from zenml import pipeline
 from zenml.pipelines.pipeline_definition import Pipeline
 
-from alignment.config import DataConfig, EncodeConfig, EvalConfig, OutputConfig, ValidationConfig
 from alignment.methods import PreferenceMethod, get_method, method_module
 from alignment.models import ModelSpec
 from alignment.train_config import TrainConfig
-from pipelines.catalog import ARCH_LABELS, training_pipelines
+from pipelines.catalog import ARCH_LABELS, REQUIRED_PARAMETERS, parameter_models, training_pipelines
 from steps import (
     bundle_inputs,
     encode_pairs,
@@ -34,9 +33,6 @@ from steps import (
     validate_preferences,
 )
 from steps.train_alignment import train_alignment_for
-
-_REQUIRED = {"data": DataConfig, "model": ModelSpec, "training": TrainConfig}
-_DEFAULTED = {"validation": ValidationConfig, "encoding": EncodeConfig, "output": OutputConfig, "evaluation": EvalConfig}
 
 
 def _check(name: str, arch: str, method: str, model: ModelSpec, training: TrainConfig) -> None:
@@ -80,12 +76,15 @@ def _align(name: str, arch: str, method: type[PreferenceMethod], params: dict) -
     report_drift(eval_samples=samples, reference=find_drift_reference(), model=model, evaluation=evaluation)
 
 
-def _signature(method: type[PreferenceMethod]) -> inspect.Signature:
+def _signature(name: str) -> inspect.Signature:
     keyword = inspect.Parameter.KEYWORD_ONLY
-    required = [inspect.Parameter(n, keyword, annotation=t) for n, t in _REQUIRED.items()]
-    defaulted = {**method.pipeline_parameters, **_DEFAULTED}
-    optional = [inspect.Parameter(n, keyword, annotation=t, default=t()) for n, t in defaulted.items()]
-    return inspect.Signature([*required, *optional], return_annotation=None)
+    parameters = [
+        inspect.Parameter(n, keyword, annotation=t)
+        if n in REQUIRED_PARAMETERS
+        else inspect.Parameter(n, keyword, annotation=t, default=t())
+        for n, t in parameter_models(name).items()
+    ]
+    return inspect.Signature(parameters, return_annotation=None)
 
 
 def _make_pipeline(name: str, method_name: str, arch: str) -> Pipeline:
@@ -97,7 +96,7 @@ def _make_pipeline(name: str, method_name: str, arch: str) -> Pipeline:
     entrypoint.__name__ = entrypoint.__qualname__ = name
     entrypoint.__module__ = __name__
     entrypoint.__doc__ = f"{method.summary} on {ARCH_LABELS[arch]}."
-    entrypoint.__signature__ = _signature(method)
+    entrypoint.__signature__ = _signature(name)
     return pipeline(name=name)(entrypoint)
 
 

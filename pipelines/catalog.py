@@ -7,11 +7,24 @@ and those later issues add) are listed here.
 
 from __future__ import annotations
 
+from pydantic import BaseModel
+
+from alignment.config import DataConfig, EncodeConfig, EvalConfig, OutputConfig, ValidationConfig
 from alignment.methods import get_method, method_names
+from alignment.models import ModelSpec
+from alignment.train_config import TrainConfig
 
 ARCHES = ("sdxl", "sd15")
 ARCH_LABELS = {"sdxl": "SDXL", "sd15": "Stable Diffusion 1.5"}
 OTHER_PIPELINES = {"promote": "move a registered model version to staging or production behind gates"}
+
+REQUIRED_PARAMETERS: dict[str, type[BaseModel]] = {"data": DataConfig, "model": ModelSpec, "training": TrainConfig}
+DEFAULTED_PARAMETERS: dict[str, type[BaseModel]] = {
+    "validation": ValidationConfig,
+    "encoding": EncodeConfig,
+    "output": OutputConfig,
+    "evaluation": EvalConfig,
+}
 
 
 def training_pipelines() -> dict[str, tuple[str, str]]:
@@ -29,3 +42,9 @@ def describe(name: str) -> str:
         return OTHER_PIPELINES[name]
     method, arch = training_pipelines()[name]
     return f"{get_method(method).summary}, {ARCH_LABELS[arch]}"
+
+
+def parameter_models(name: str) -> dict[str, type[BaseModel]]:
+    """The typed parameters of training pipeline ``name``: the common ones and its method's."""
+    method, _arch = training_pipelines()[name]
+    return {**REQUIRED_PARAMETERS, **get_method(method).pipeline_parameters, **DEFAULTED_PARAMETERS}
