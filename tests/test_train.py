@@ -365,3 +365,24 @@ def test_unknown_method_and_bad_method_options_name_the_field():
     with pytest.raises(ValueError, match="method_options.beta: Extra inputs are not permitted"):
         TrainConfig(method="dpo", method_options={"beta": 1})
     assert TrainConfig(method="smpo").method_options == {"gamma": 10.0, "inversion": None}
+
+
+def test_fp16_loss_scale_is_checkpointed_and_restored(tmp_path, sdxl_pairs):
+    # CPU runs have no GradScaler; give the accelerator one to check that its state survives a resume.
+    def trainer_with_scaler():
+        trainer = PreferenceTrainer(
+            build_tiny_components("sdxl"), sdxl_pairs, tiny_config(max_train_steps=2), checkpoint_dir=tmp_path
+        )
+        trainer.accelerator.scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+        return trainer
+
+    first = trainer_with_scaler()
+    first.setup()
+    first.step = 2
+    first.accelerator.scaler.scale(torch.ones(()))  # the scale exists from the first scaled loss on
+    first.accelerator.scaler.update(new_scale=256.0)
+    first.save_checkpoint()
+    resumed = trainer_with_scaler()
+    resumed.setup()
+    assert resumed.resumed_from_step == 2
+    assert resumed.accelerator.scaler.get_scale() == 256.0
