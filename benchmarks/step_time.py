@@ -32,7 +32,10 @@ from alignment.config import DataConfig, EncodeConfig  # noqa: E402
 from alignment.data import load_preference_frame, prepare_pairs  # noqa: E402
 from alignment.encoding import encode_pairs  # noqa: E402
 from alignment.models import ModelSpec, load_components  # noqa: E402
-from alignment.train import TrainConfig, build_inversion_cache, train_alignment  # noqa: E402
+from alignment.inversion import build_inversion_cache  # noqa: E402
+from alignment.methods import smpo  # noqa: E402
+from alignment.train import train_alignment  # noqa: E402
+from alignment.train_config import TrainConfig  # noqa: E402
 from benchmarks.toy_alignment import machine, profile_parameters, smpo_labels, write_results  # noqa: E402
 
 METHODS = ("dpo", "smpo_online", "smpo_cached", "sft")
@@ -44,15 +47,16 @@ def step_seconds(method, params, encoded, labels, inversion_cache, steps, workdi
     components = load_components(ModelSpec(**params["model"]))
     stamps: list[float] = []
     started = time.perf_counter()
+    inputs = encoded
+    if method.startswith("smpo"):
+        inputs = smpo.build_inputs(encoded, labels, inversion_cache if method == "smpo_cached" else None)
     train_alignment(
         components,
-        encoded,
+        inputs,
         training,
         checkpoint_dir=workdir / f"{method}-{time.monotonic_ns()}",
         show_progress=False,
         on_step_end=lambda _step: stamps.append(time.perf_counter()),
-        labels=labels if method.startswith("smpo") else None,
-        inversion_cache=inversion_cache if method == "smpo_cached" else None,
     )
     times = [b - a for a, b in zip([started, *stamps], stamps, strict=False)]
     return times[1:]  # the first step pays for lazy initialisation
@@ -75,10 +79,12 @@ def main() -> None:
     model = ModelSpec(**params["dpo"]["model"])
     encoding = EncodeConfig(**params["dpo"]["encoding"])
     encoded = encode_pairs(pairs, load_components(model), resolution=model.resolution, batch_size=encoding.batch_size)
-    labels, _ = smpo_labels(pairs, encoded, params["smpo_online"])
+    labels, _ = smpo_labels(pairs, params["smpo_online"])
     started = time.perf_counter()
     cached_training = TrainConfig(**params["smpo_cached"]["training"])
-    inversion_cache = build_inversion_cache(load_components(model), encoded, cached_training)
+    inversion_cache = build_inversion_cache(
+        load_components(model), encoded, cached_training.options.inversion, cached_training.seed
+    )
     inversion_seconds = time.perf_counter() - started
 
     samples: dict[str, list[float]] = {method: [] for method in METHODS}
@@ -100,7 +106,7 @@ def main() -> None:
         }
         for method in METHODS
     ]
-    inversion = params["smpo_online"]["training"]["inversion"]
+    inversion = params["smpo_online"]["training"]["method_options"]["inversion"]
     table = (
         "| method | median s/step | relative to DPO |\n|---|---|---|\n"
         + "\n".join(

@@ -46,13 +46,10 @@ from alignment.evaluate import evaluate_config  # noqa: E402
 from alignment.models import ModelSpec, load_components  # noqa: E402
 from alignment.rewards.pairs import score_pairs  # noqa: E402
 from alignment.smoothing import SmoothingConfig, smooth_labels  # noqa: E402
-from alignment.train import (  # noqa: E402
-    PairLabels,
-    TrainConfig,
-    build_inversion_cache,
-    save_trained_weights,
-    train_alignment,
-)
+from alignment.inversion import build_inversion_cache  # noqa: E402
+from alignment.methods import smpo  # noqa: E402
+from alignment.train import save_trained_weights, train_alignment  # noqa: E402
+from alignment.train_config import TrainConfig  # noqa: E402
 
 RESULTS_DIR = REPO_ROOT / "benchmarks" / "results"
 
@@ -64,13 +61,13 @@ def profile_parameters(method: str, overrides: list[str]) -> dict:
     """The toy profile's parameters of ``<method>_sdxl``; ``smpo_online`` / ``smpo_cached`` set the inversion mode."""
     pipeline_method = method.split("_")[0]
     modes = {"smpo_online": "online", "smpo_cached": "cached"}
-    extra = (f"parameters.training.inversion.mode={modes[method]}",) if method in modes else ()
+    extra = (f"parameters.training.method_options.inversion.mode={modes[method]}",) if method in modes else ()
     assignments = extra + tuple(f"parameters.{o}" for o in overrides)
     config = run.resolve_config(f"{pipeline_method}_sdxl", None, "toy", assignments)
     return config["parameters"]
 
 
-def smpo_labels(pairs, encoded, params: dict) -> tuple[PairLabels, dict]:
+def smpo_labels(pairs, params: dict) -> tuple[dict, dict]:
     """Soft labels from the toy reward model, as score_rewards -> smooth_preferences compute them."""
     scores = score_pairs(pairs, RewardConfig(**params["reward"]))
     labels, stats = smooth_labels(
@@ -79,11 +76,11 @@ def smpo_labels(pairs, encoded, params: dict) -> tuple[PairLabels, dict]:
         torch.tensor(scores["score_l"]),
         SmoothingConfig(**params["smoothing"]),
     )
-    return PairLabels.from_dict(labels, encoded), {"human_agreement": scores["human_agreement"], **stats}
+    return labels, {"human_agreement": scores["human_agreement"], **stats}
 
 
 def run_method(
-    method: str, params: dict, encoded, steps: int | None, workdir: Path, labels: PairLabels | None = None
+    method: str, params: dict, encoded, steps: int | None, workdir: Path, labels: dict | None = None
 ) -> dict:
     model = ModelSpec(**params["model"])
     training = TrainConfig(**{**params["training"], **({"max_train_steps": steps} if steps else {})})
@@ -92,17 +89,11 @@ def run_method(
     inversion_cache, inversion_seconds = None, 0.0
     if method == "smpo_cached":
         started = time.perf_counter()
-        inversion_cache = build_inversion_cache(components, encoded, training)
+        inversion_cache = build_inversion_cache(components, encoded, training.options.inversion, training.seed)
         inversion_seconds = time.perf_counter() - started
+    inputs = smpo.build_inputs(encoded, labels, inversion_cache) if labels is not None else encoded
     started = time.perf_counter()
-    result = train_alignment(
-        components,
-        encoded,
-        training,
-        checkpoint_dir=workdir / f"{method}-checkpoints",
-        labels=labels,
-        inversion_cache=inversion_cache,
-    )
+    result = train_alignment(components, inputs, training, checkpoint_dir=workdir / f"{method}-checkpoints")
     train_seconds = time.perf_counter() - started
     weights = save_trained_weights(components, training, workdir / f"{method}-weights")
 
@@ -111,7 +102,7 @@ def run_method(
         "method": method,
         "steps": result.final_step,
         "beta": training.beta if method != "sft" else None,
-        "smpo_gamma": training.smpo_gamma if method.startswith("smpo") else None,
+        "smpo_gamma": training.options.gamma if method.startswith("smpo") else None,
         "learning_rate": training.learning_rate,
         "pairs_per_step": training.train_batch_size * training.gradient_accumulation_steps,
         "train_seconds": round(train_seconds, 1),
@@ -185,7 +176,7 @@ def main() -> None:
 
     labels, smoothing_stats = None, None
     if any(method.startswith("smpo") for method in args.methods):
-        labels, smoothing_stats = smpo_labels(pairs, encoded, profile_parameters("smpo_online", args.overrides))
+        labels, smoothing_stats = smpo_labels(pairs, profile_parameters("smpo_online", args.overrides))
         print(f"soft labels: {json.dumps(smoothing_stats)}", flush=True)
 
     rows = []

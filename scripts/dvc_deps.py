@@ -35,142 +35,20 @@ After ``--write``, ``dvc commit -f <stage>`` records the new deps in ``dvc.lock`
 from __future__ import annotations
 
 import argparse
-import ast
 import re
 import sys
-from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import yaml
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-LOCAL_PACKAGES = ("alignment",)
-"""Top-level packages of this repository whose modules count as code deps."""
+sys.path.insert(0, str(REPO_ROOT))
+from alignment.source_closure import LOCAL_PACKAGES, import_closure  # noqa: E402
 
 _PYTHON_MODULE_CMD = re.compile(r"^\s*python3?\s+-m\s+([A-Za-z_][\w.]*)")
-_DOTTED_NAME = re.compile(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)+")
-
-
-# --------------------------------------------------------------------------------------------
-# The import closure
-# --------------------------------------------------------------------------------------------
-
-
-def module_file(module: str, root: Path = REPO_ROOT) -> Path | None:
-    """The file that importing ``module`` executes: ``a/b.py`` or ``a/b/__init__.py``; None if neither exists."""
-    base = root.joinpath(*module.split("."))
-    if (base / "__init__.py").is_file():
-        return base / "__init__.py"
-    if base.with_suffix(".py").is_file():
-        return base.with_suffix(".py")
-    return None
-
-
-def _is_type_checking(test: ast.expr) -> bool:
-    return (isinstance(test, ast.Name) and test.id == "TYPE_CHECKING") or (
-        isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING"
-    )
-
-
-def _import_nodes(tree: ast.AST) -> Iterator[ast.Import | ast.ImportFrom | ast.Constant]:
-    """Import statements that can run and string constants, anywhere (``if TYPE_CHECKING:`` bodies skipped)."""
-    stack: list[ast.AST] = [tree]
-    while stack:
-        node = stack.pop()
-        if isinstance(node, (ast.Import, ast.ImportFrom)) or (
-            isinstance(node, ast.Constant) and isinstance(node.value, str)
-        ):
-            yield node
-            continue
-        if isinstance(node, ast.If) and _is_type_checking(node.test):
-            stack.extend(node.orelse)
-            continue
-        stack.extend(ast.iter_child_nodes(node))
-
-
-@dataclass
-class _Imports:
-    required: set[str] = field(default_factory=set)
-    """Modules that must exist (``import m``, the ``m`` of ``from m import x``)."""
-    optional: set[str] = field(default_factory=set)
-    """``m.x`` of ``from m import x`` (a module only if such a file exists, else an attribute), and
-    string constants that look like dotted module names."""
-
-
-def imported_modules(source: str, module: str, is_package: bool, filename: str = "<source>") -> _Imports:
-    """The absolute names of the modules ``source`` (the code of ``module``) may import."""
-    package = module if is_package else module.rpartition(".")[0]
-    found = _Imports()
-    for node in _import_nodes(ast.parse(source, filename=filename)):
-        if isinstance(node, ast.Constant):
-            if _DOTTED_NAME.fullmatch(node.value):
-                found.optional.add(node.value)
-            continue
-        if isinstance(node, ast.Import):
-            found.required.update(alias.name for alias in node.names)
-            continue
-        if node.level:
-            parts = package.split(".") if package else []
-            if node.level - 1 > len(parts):
-                raise ValueError(f"{filename}:{node.lineno}: relative import beyond the top-level package")
-            anchor = parts[: len(parts) - (node.level - 1)]
-            base = ".".join([*anchor, *([node.module] if node.module else [])])
-        else:
-            base = node.module or ""
-        if base:
-            found.required.add(base)
-        found.optional.update(f"{base}.{alias.name}" if base else alias.name for alias in node.names if alias.name != "*")
-    return found
-
-
-def _parents_and_self(module: str) -> list[str]:
-    parts = module.split(".")
-    return [".".join(parts[:index]) for index in range(1, len(parts) + 1)]
-
-
-def import_closure(
-    module: str, root: Path = REPO_ROOT, packages: Sequence[str] = LOCAL_PACKAGES
-) -> list[str]:
-    """Repo-relative paths (sorted, ``/``-separated) of the local files ``python -m module`` executes.
-
-    Args:
-        module: Dotted name of the entry module, e.g. ``alignment.toyworld.base_model``.
-        root: Repository root (the directory holding the top-level packages).
-        packages: Top-level package names that are local; imports of anything
-            else (torch, diffusers, the standard library) are not followed.
-
-    Raises:
-        ValueError: If ``module`` or a module imported by a local file is a
-            local module without a file (e.g. a deleted module still imported).
-    """
-    root = Path(root)
-    local = set(packages)
-    files: set[Path] = set()
-    done: set[str] = set()
-    pending: list[tuple[str, bool, str]] = [(module, True, "the stage's command")]
-    while pending:
-        name, required, importer = pending.pop()
-        if name in done or name.split(".")[0] not in local:
-            continue
-        if module_file(name, root) is None:
-            if required:
-                raise ValueError(f"{importer} imports {name}, but {root} has no file for it")
-            continue  # ``from package import attribute``: not a module
-        for step in _parents_and_self(name):
-            if step in done:
-                continue
-            done.add(step)
-            path = module_file(step, root)
-            if path is None:
-                raise ValueError(f"{importer} imports {name}, but {root} has no file for its package {step}")
-            files.add(path)
-            relative = path.relative_to(root).as_posix()
-            found = imported_modules(path.read_text(encoding="utf-8"), step, path.name == "__init__.py", relative)
-            pending.extend((child, True, relative) for child in sorted(found.required))
-            pending.extend((child, False, relative) for child in sorted(found.optional))
-    return sorted(path.relative_to(root).as_posix() for path in files)
 
 
 # --------------------------------------------------------------------------------------------

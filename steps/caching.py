@@ -3,10 +3,10 @@
 ZenML hashes a step's own function source but not the modules it calls, so
 editing ``alignment/encoding.py`` would otherwise reuse a stale encoding. A
 step here declares its cache policy with :func:`cache_on`, which follows the
-step module's imports through this repository (``alignment``, ``steps``;
-function-level imports too, read statically with ``ast``) and puts the
-content of every file it reaches into the key, plus the data files the step
-loads (the toy oracle, the toy reward model, the toy base models).
+step module's imports through this repository (``alignment``, ``steps``; see
+``alignment/source_closure.py``, the same reading DVC's stage deps use) and
+puts the content of every file it reaches into the key, plus the data files
+the step loads (the toy oracle, the toy reward model, the toy base models).
 
 Training methods are found by name at run time (``alignment.methods``), so no
 static import reaches them: :func:`cache_on_method` adds the one method a run
@@ -16,18 +16,17 @@ unrelated method's module is edited.
 
 from __future__ import annotations
 
-import ast
 import functools
-import re
 from collections.abc import Iterable
 from pathlib import Path
 from types import ModuleType
 
 from zenml.config.cache_policy import CachePolicy
 
+from alignment.source_closure import import_closure
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 _PACKAGES = ("alignment", "steps")
-_MODULE_NAME = re.compile(r"(alignment|steps)(\.[A-Za-z_]\w*)+")
 
 # What the steps load from disk besides code: the toy world's committed models.
 TOY_BASE_MODELS = ("data/toyworld/base_sdxl", "data/toyworld/base_sd15")
@@ -35,71 +34,13 @@ TOY_ORACLE = ("data/toyworld/oracle",)
 TOY_REWARD_MODEL = ("data/toyworld/reward_model",)
 
 
-def _module_file(name: str) -> Path | None:
-    """The source file of a module of this repository (``__init__.py`` for a package), or None."""
-    parts = name.split(".")
-    if parts[0] not in _PACKAGES:
-        return None
-    base = REPO_ROOT.joinpath(*parts)
-    for candidate in (base.with_suffix(".py"), base / "__init__.py"):
-        if candidate.is_file():
-            return candidate
-    return None
-
-
-def _imported_modules(name: str, file: Path) -> set[str]:
-    """Repository modules ``file`` imports anywhere (top level or in functions), or names as a string.
-
-    A module name written as a string counts (registries import their modules
-    by name with ``importlib``). Importing ``alignment.x.y`` also runs the
-    ``__init__`` of ``alignment`` and ``alignment.x`` (registries live there);
-    passing through ``steps/__init__`` does not count, or ``from steps.caching
-    import cache_on`` would make every step part of every key.
-    """
-    found: set[str] = set()
-    package = name if file.name == "__init__.py" else name.rpartition(".")[0]
-    tree = ast.parse(file.read_text(), filename=str(file))
-    # Imports for type annotations only (`if TYPE_CHECKING:`) never run.
-    typing_only = {
-        id(inner)
-        for node in ast.walk(tree)
-        if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test)
-        for inner in ast.walk(node)
-    }
-    for node in ast.walk(tree):
-        if id(node) in typing_only:
-            continue
-        if isinstance(node, ast.Import):
-            found.update(alias.name for alias in node.names)
-        elif isinstance(node, ast.ImportFrom):
-            base = node.module or ""
-            if node.level:
-                anchor = package.split(".")[: len(package.split(".")) - (node.level - 1)]
-                base = ".".join([*anchor, base] if base else anchor)
-            for alias in node.names:
-                submodule = f"{base}.{alias.name}"
-                found.add(submodule if _module_file(submodule) is not None else base)
-        elif isinstance(node, ast.Constant) and isinstance(node.value, str) and _MODULE_NAME.fullmatch(node.value):
-            found.add(node.value)
-    for module in list(found):
-        parts = module.split(".")
-        if parts[0] == "alignment":
-            found.update(".".join(parts[:i]) for i in range(1, len(parts)))
-    return {module for module in found if _module_file(module) is not None}
-
-
 @functools.cache
-def module_closure(*roots: str) -> tuple[str, ...]:
-    """Every repository module reachable by imports from ``roots`` (module names), sorted."""
-    seen: set[str] = set()
-    todo = [root for root in roots if _module_file(root) is not None]
-    while todo:
-        name = todo.pop()
-        if name in seen:
-            continue
-        seen.add(name)
-        todo.extend(_imported_modules(name, _module_file(name)) - seen)
-    return tuple(sorted(seen))
+def code_files(*modules: str) -> tuple[str, ...]:
+    """Repo-relative source files the given modules run (their import closures, joined), sorted."""
+    files: set[str] = set()
+    for module in modules:
+        files.update(import_closure(module, REPO_ROOT, packages=_PACKAGES, opaque=("steps",)))
+    return tuple(sorted(files))
 
 
 def _relative(path: Path) -> str:
@@ -120,8 +61,7 @@ def data_files(paths: Iterable[str]) -> list[str]:
 
 def dependency_files(*modules: str, data: Iterable[str] = ()) -> list[str]:
     """Repo-relative files whose content a step's cache key covers."""
-    code = {_relative(_module_file(name)) for name in module_closure(*modules)}
-    return sorted(code) + data_files(data)
+    return [*code_files(*modules), *data_files(data)]
 
 
 def _name(module: ModuleType | str) -> str:

@@ -95,9 +95,9 @@ def tree_copy(tmp_path, monkeypatch):
     for part in ("oracle", "reward_model"):
         shutil.copytree(REPO_ROOT / "data" / "toyworld" / part, tmp_path / "data" / "toyworld" / part)
     monkeypatch.setattr(caching, "REPO_ROOT", tmp_path)
-    caching.module_closure.cache_clear()
+    caching.code_files.cache_clear()
     yield tmp_path
-    caching.module_closure.cache_clear()
+    caching.code_files.cache_clear()
 
 
 def _training_key(root: Path, method: str) -> str:
@@ -137,13 +137,13 @@ def test_function_level_and_by_name_imports_are_followed(tree_copy):
         "def lazy():\n    from alignment import losses\n\n"
         "def registry():\n    return importlib.import_module('alignment.noise')\n"
     )
-    closure = caching.module_closure("alignment.probe")
-    assert {"alignment.losses", "alignment.noise"} <= set(closure)
+    closure = caching.code_files("alignment.probe")
+    assert {"alignment/losses.py", "alignment/noise.py"} <= set(closure)
 
 
 def test_type_checking_imports_and_passing_through_steps_init_do_not_count():
-    closure = caching.module_closure("alignment.methods.dpo")
+    closure = caching.code_files("alignment.methods.dpo")
     # methods/base imports the trainer only for annotations
-    assert "alignment.train" not in closure
+    assert "alignment/train.py" not in closure
     # `from steps.caching import ...` in a step does not pull in every step through steps/__init__
-    assert "steps" not in caching.module_closure("steps.train_alignment")
+    assert "steps/__init__.py" not in caching.code_files("steps.train_alignment")
