@@ -4,7 +4,9 @@
 caption dropout (the encoding of the empty prompt) and moves everything to the
 device: latents, embeddings and SDXL time ids in the compute dtype; the
 method's per-pair inputs (``extras``) keep their stored dtype, and the method
-casts what it uses.
+casts what it uses. Caption dropout only replaces what the UNet is conditioned
+on: a method's per-pair inputs (e.g. prompt embeddings for RPO's weights) still
+describe the pair's real caption.
 """
 
 from __future__ import annotations
