@@ -1,39 +1,31 @@
-"""Every run configuration, with every profile, is valid before anything runs."""
+"""Every run configuration, with every profile, is valid before anything runs; a wrong value is one line."""
 
 from __future__ import annotations
 
 import re
+import subprocess
+import sys
 import warnings
 from pathlib import Path
 
 import pytest
 import yaml
+from click.testing import CliRunner
 
-import run
-from alignment.config import DataConfig, EncodeConfig, EvalConfig, OutputConfig, RewardConfig, ValidationConfig
+from alignment.methods import method_names
 from alignment.models import ModelSpec
-from alignment.smoothing import SmoothingConfig
-from alignment.train import TrainConfig
+from alignment.train_config import TrainConfig
+from pipelines import catalog, configuration
 
-CONFIGS = sorted((run.REPO_ROOT / "configs").glob("*.yaml"))
+REPO_ROOT = configuration.REPO_ROOT
+CONFIGS = sorted((REPO_ROOT / "configs").glob("*.yaml"))
 # Training pipelines' configs; promote.yaml only carries the promotion gates.
 TRAINING_CONFIGS = [path for path in CONFIGS if path.stem != "promote"]
-PROFILES = [None] + sorted(p.stem for p in (run.REPO_ROOT / "configs" / "profiles").glob("*.yaml"))
-PARAMETER_MODELS = {
-    "data": DataConfig,
-    "validation": ValidationConfig,
-    "model": ModelSpec,
-    "encoding": EncodeConfig,
-    "training": TrainConfig,
-    "output": OutputConfig,
-    "evaluation": EvalConfig,
-    "reward": RewardConfig,
-    "smoothing": SmoothingConfig,
-}
+PROFILES = [None] + sorted(p.stem for p in (REPO_ROOT / "configs" / "profiles").glob("*.yaml"))
 
 
 def test_every_pipeline_has_a_config():
-    assert {p.stem for p in CONFIGS} >= set(run.PIPELINE_NAMES)
+    assert {p.stem for p in CONFIGS} >= set(catalog.pipeline_names())
 
 
 @pytest.mark.parametrize("profile", PROFILES)
@@ -41,12 +33,11 @@ def test_every_pipeline_has_a_config():
 def test_config_validates_against_zenml_and_our_models(config_path: Path, profile: str | None):
     from zenml.config.pipeline_run_configuration import PipelineRunConfiguration
 
-    config = run.resolve_config(config_path.stem, config_path, profile, ())
+    config = configuration.resolve_config(config_path.stem, config_path, profile, ())
     PipelineRunConfiguration.model_validate(config)
     assert config["model"]["name"] == config_path.stem
-    for name, values in config["parameters"].items():
-        PARAMETER_MODELS[name](**values)
-    method = config_path.stem.split("_")[0]
+    assert configuration.parameter_problems(config_path.stem, config) == []
+    method, _arch = catalog.training_pipelines()[config_path.stem]
     assert config["parameters"]["training"]["method"] == method
 
 
@@ -56,31 +47,36 @@ def test_promote_config_validates_with_every_profile(profile: str | None):
 
     from alignment.promotion import PromotionConfig
 
-    config = run.resolve_config("promote", None, profile, ())
+    config = configuration.resolve_config("promote", None, profile, ())
     PipelineRunConfiguration.model_validate(config)
     PromotionConfig(model="smpo_sdxl", to="staging", **config["parameters"]["promotion"])
+    configuration.set_promotion(config, model="smpo_sdxl", to="staging", version=None)
+    assert configuration.parameter_problems("promote", config) == []
 
 
 def test_every_config_starts_with_a_how_to_run_header():
-    for path in CONFIGS + sorted((run.REPO_ROOT / "configs" / "profiles").glob("*.yaml")):
+    for path in CONFIGS + sorted((REPO_ROOT / "configs" / "profiles").glob("*.yaml")):
         first = path.read_text().splitlines()[0]
         assert first.startswith("#"), path
         assert "python run.py" in path.read_text(), path
 
 
 def test_overrides_are_typed_and_nested():
-    config = run.resolve_config("dpo_sdxl", None, "tiny", ("parameters.training.beta=2500", "parameters.data.max_rows=8"))
+    config = configuration.resolve_config(
+        "dpo_sdxl", None, "tiny", ("parameters.training.beta=2500", "parameters.data.max_rows=8")
+    )
     assert config["parameters"]["training"]["beta"] == 2500
     assert config["parameters"]["data"]["max_rows"] == 8
     assert yaml.safe_load(yaml.safe_dump(config)) == config
 
 
 def test_method_sections_of_a_profile_only_reach_their_method():
-    smpo = run.resolve_config("smpo_sdxl", None, "toy", ())
-    dpo = run.resolve_config("dpo_sdxl", None, "toy", ())
+    smpo = configuration.resolve_config("smpo_sdxl", None, "toy", ())
+    dpo = configuration.resolve_config("dpo_sdxl", None, "toy", ())
     assert smpo["parameters"]["reward"]["scorer"] == "toy_reward"
+    assert smpo["parameters"]["training"]["method_options"]["inversion"]["mode"] == "online"
     assert "reward" not in dpo["parameters"] and "methods" not in dpo
-    assert "inversion" not in dpo["parameters"]["training"]  # DPO keeps forward noising
+    assert "method_options" not in dpo["parameters"]["training"]  # DPO keeps forward noising
 
 
 def test_pipeline_signatures_accept_their_config_parameters():
@@ -91,7 +87,7 @@ def test_pipeline_signatures_accept_their_config_parameters():
     for name, pipeline in PIPELINES.items():
         accepted = set(inspect.signature(pipeline.entrypoint).parameters)
         for profile in PROFILES:
-            config = run.resolve_config(name, None, profile, ())
+            config = configuration.resolve_config(name, None, profile, ())
             assert set(config["parameters"]) <= accepted, (name, profile)
 
 
@@ -102,12 +98,126 @@ def test_wrong_values_name_the_field():
         ModelSpec(resolution=100)
 
 
+# -- validation before ZenML: one line per problem, naming the field, the value and the rule ----
+
+SECTIONS = "data, model, training, validation, encoding, output, evaluation"
+WRONG_VALUES = [
+    ("dpo_sdxl", "parameters.training.beta=-1", "parameters.training.beta = -1: Input should be greater than 0"),
+    (
+        "dpo_sdxl",
+        "parameters.training.max_train_steps=abc",
+        'parameters.training.max_train_steps = "abc": '
+        "Input should be a valid integer, unable to parse string as an integer",
+    ),
+    ("dpo_sdxl", "parameters.training.betta=1", "parameters.training.betta = 1: unknown key; did you mean beta?"),
+    (
+        "dpo_sdxl",
+        "parameters.training.method=ppo",
+        f"parameters.training.method = \"ppo\": unknown method 'ppo'; registered methods: {', '.join(method_names())}",
+    ),
+    (
+        "smpo_sdxl",
+        "parameters.training.method_options.gamma=-1",
+        "parameters.training.method_options.gamma = -1: Input should be greater than 0",
+    ),
+    (
+        "dpo_sdxl",
+        "parameters.rewards.scorer=pickscore",
+        f"parameters.rewards: unknown parameter section; pipeline dpo_sdxl takes {SECTIONS}",
+    ),
+]
+
+
+def _problems(pipeline_name: str, *overrides: str) -> list[str]:
+    config = configuration.resolve_config(pipeline_name, None, "tiny", overrides)
+    return configuration.parameter_problems(pipeline_name, config)
+
+
+@pytest.mark.parametrize("pipeline_name, override, line", WRONG_VALUES, ids=[w[1] for w in WRONG_VALUES])
+def test_a_wrong_value_is_one_line_naming_field_value_and_rule(pipeline_name: str, override: str, line: str):
+    assert _problems(pipeline_name, override) == [line]
+    import run
+
+    result = CliRunner().invoke(run.main, ["--pipeline", pipeline_name, "--profile", "tiny", "--set", override])
+    assert result.exit_code == 2
+    assert result.output == f"error: {line}\n"  # nothing else: no traceback, no usage
+
+
+def test_every_problem_gets_its_own_line():
+    assert _problems(
+        "smpo_sdxl",
+        "parameters.training.beta=0",
+        "parameters.training.lora.rank=0",
+        "parameters.training.method_options.inversion.mode=sideways",
+        "parameters.training.method_options.gama=3",
+        "parameters.data.max_rows=0",
+    ) == [
+        "parameters.data.max_rows = 0: Input should be greater than or equal to 1",
+        "parameters.training.beta = 0: Input should be greater than 0",
+        "parameters.training.lora.rank = 0: Input should be greater than or equal to 1",
+        "parameters.training.method_options.inversion.mode = \"sideways\": Input should be 'online' or 'cached'",
+        "parameters.training.method_options.gama = 3: unknown key; did you mean gamma?",
+    ]
+    # TrainConfig's own checks across fields, and the pipeline's method and architecture
+    full_fp16_adafactor = ("finetune=full", "optimizer=adafactor", "mixed_precision=fp16")
+    assert _problems("dpo_sdxl", *(f"parameters.training.{o}" for o in full_fp16_adafactor)) == [
+        "parameters.training: full fine-tuning with fp16 and adafactor is unsupported: use bf16 or adamw"
+    ]
+    assert _problems("dpo_sdxl", "parameters.training.method_options.gamma=1") == [
+        "parameters.training.method_options.gamma = 1: unknown key; this section takes none"
+    ]
+    assert _problems("dpo_sdxl", "parameters.training.method=smpo", "parameters.model.arch=sd15") == [
+        'parameters.training.method = "smpo": pipeline dpo_sdxl runs dpo',
+        'parameters.model.arch = "sd15": pipeline dpo_sdxl trains sdxl models',
+    ]
+    assert _problems("dpo_sdxl", "parameters.training=5") == [
+        "parameters.training = 5: Input should be a valid dictionary or instance of TrainConfig"
+    ]
+
+
+def _run_py(*args: str, code: str | None = None) -> subprocess.CompletedProcess:
+    command = [sys.executable, "-c", code, *args] if code else [sys.executable, "run.py", *args]
+    return subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
+
+
+def _own_lines(text: str) -> list[str]:
+    # Importing diffusers may warn about torchvision; that is diffusers' line, not run.py's.
+    return [line for line in text.splitlines() if not line.startswith("[transformers]")]
+
+
+# run.py as `python run.py`, then reporting whether ZenML or the pipelines were imported
+NO_ZENML = """import runpy, sys
+sys.argv = ["run.py", *sys.argv[1:]]
+try:
+    runpy.run_path("run.py", run_name="__main__")
+finally:
+    print("imported:", sorted({"zenml", "pipelines.alignment"} & set(sys.modules)), file=sys.stderr)
+"""
+
+
+def test_the_real_cli_prints_one_line_before_zenml_starts():
+    tiny = ("--profile", "tiny", "--set")
+    result = _run_py("--pipeline", "dpo_sdxl", *tiny, "parameters.training.beta=-1", code=NO_ZENML)
+    assert result.returncode == 2, result.stderr
+    assert _own_lines(result.stderr) == [
+        "error: parameters.training.beta = -1: Input should be greater than 0",
+        "imported: []",
+    ]
+    assert result.stdout == ""
+
+    result = _run_py("--pipeline", "smpo_sdxl", *tiny, "parameters.training.method_options.gamma=-1")
+    assert result.returncode == 2 and "Traceback" not in result.stderr + result.stdout
+    assert _own_lines(result.stderr) == [
+        "error: parameters.training.method_options.gamma = -1: Input should be greater than 0"
+    ]
+
+
 # -- deploy profiles: GPU resources, images, step operators, tracking ---------------------------
 
 DEPLOY_PROFILES = ("gpu", "k8s", "vertex")
 # The profiles configure training pipelines' steps (run.py also runs non-training pipelines).
-DEPLOY_PIPELINES = getattr(run, "TRAINING_PIPELINES", run.PIPELINE_NAMES)
-TRAIN_STEPS = ("train_alignment", "train_alignment_full")
+DEPLOY_PIPELINES = tuple(catalog.training_pipelines())
+TRAIN_STEPS = ("train_alignment",)
 GPU_STEPS = ("encode_pairs", *TRAIN_STEPS, "evaluate_alignment", "score_rewards", "invert_pairs")
 
 
@@ -145,7 +255,7 @@ def test_deploy_profiles_settings_validate_against_their_zenml_classes(profile: 
 
     import steps
 
-    config = run.resolve_config(pipeline_name, None, profile, ())
+    config = configuration.resolve_config(pipeline_name, None, profile, ())
     docker = DockerSettings.model_validate(config["settings"]["docker"])
     assert not _unknown_keys(docker)
     assert docker.install_stack_requirements is False  # the wandb integration would add weave
@@ -161,7 +271,7 @@ def test_deploy_profiles_settings_validate_against_their_zenml_classes(profile: 
     assert {"encode_pairs", *TRAIN_STEPS, "evaluate_alignment"} <= set(present)
     for step_name in present:
         assert config["steps"][step_name]["settings"]["resources"]["gpu_count"] >= 1, (profile, step_name)
-    if pipeline_name.startswith("smpo"):
+    if catalog.training_pipelines()[pipeline_name][0] == "smpo":
         assert {"score_rewards", "invert_pairs"} <= set(present)
     for step_name in (*TRAIN_STEPS, "evaluate_alignment"):
         assert config["steps"][step_name]["experiment_tracker"] is True, (profile, step_name)
@@ -172,10 +282,10 @@ def test_deploy_profiles_settings_validate_against_their_zenml_classes(profile: 
 
 
 def test_deploy_profiles_pin_a_cuda_image_with_the_projects_torch():
-    pin = re.search(r'"torch==([0-9.]+)"', (run.REPO_ROOT / "pyproject.toml").read_text()).group(1)
+    pin = re.search(r'"torch==([0-9.]+)"', (REPO_ROOT / "pyproject.toml").read_text()).group(1)
     images = set()
     for profile in DEPLOY_PROFILES:
-        image = run.resolve_config("dpo_sdxl", None, profile, ())["settings"]["docker"]["parent_image"]
+        image = configuration.resolve_config("dpo_sdxl", None, profile, ())["settings"]["docker"]["parent_image"]
         assert re.fullmatch(rf"pytorch/pytorch:{re.escape(pin)}-cuda[0-9.]+-cudnn[0-9]+-runtime", image), (profile, image)
         images.add(image)
     assert len(images) == 1, images
@@ -189,10 +299,12 @@ def test_deploy_images_install_pyproject_requirements_through_zenml(profile: str
     from zenml.config import DockerSettings
     from zenml.utils.pipeline_docker_image_builder import PipelineDockerImageBuilder
 
-    monkeypatch.chdir(run.REPO_ROOT)  # pyproject_path is relative to where run.py is started
-    docker = DockerSettings.model_validate(run.resolve_config("smpo_sdxl", None, profile, ())["settings"]["docker"])
+    monkeypatch.chdir(REPO_ROOT)  # pyproject_path is relative to where run.py is started
+    docker = DockerSettings.model_validate(
+        configuration.resolve_config("smpo_sdxl", None, profile, ())["settings"]["docker"]
+    )
     files = PipelineDockerImageBuilder.gather_requirements_files(docker, stack=None, log=False)
     assert [name for name, _, _ in files] == [".zenml_pyproject_requirements"]
-    project = tomllib.loads((run.REPO_ROOT / "pyproject.toml").read_text())["project"]
+    project = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())["project"]
     expected = project["dependencies"] + (project["optional-dependencies"][extra] if extra else [])
     assert files[0][1].splitlines() == expected

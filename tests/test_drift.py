@@ -11,7 +11,6 @@ import pytest
 import torch
 from PIL import Image
 
-import run
 from alignment.config import EvalConfig
 from alignment.drift import build_drift_report, check_frames, headline, per_prompt_deltas
 from alignment.evaluate import (
@@ -27,6 +26,7 @@ from alignment.evaluate import (
 )
 from alignment.models import LoraSpec, ModelSpec, add_lora, build_tiny_components, save_lora_weights
 from alignment.reports import DRIFT_REPORT, STYLE_REPORT, ReportInputs, available_reports, build_report
+from pipelines import configuration
 
 PROMPTS = [f"prompt {i}" for i in range(12)]
 SEEDS_PER_PROMPT = 8
@@ -329,7 +329,7 @@ def test_pipeline_reports_drift_against_base_then_against_production(tmp_path):
 
     def run_once():
         name = "sft_sdxl"
-        config = run.resolve_config(
+        config = configuration.resolve_config(
             name,
             None,
             "tiny",
@@ -339,8 +339,9 @@ def test_pipeline_reports_drift_against_base_then_against_production(tmp_path):
                 f"parameters.output.checkpoint_root={tmp_path / 'checkpoints'}",
             ),
         )
-        run.preflight(name, config, "tiny")
-        PIPELINES[name].with_options(config_path=str(run.save_resolved(name, config)), enable_cache=True)()
+        configuration.preflight(name, config)
+        resolved = configuration.save_resolved(name, config)
+        PIPELINES[name].with_options(config_path=str(resolved), enable_cache=True)()
         return Client().get_pipeline(name).last_run
 
     first = run_once()

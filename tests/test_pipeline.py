@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-import run
 from alignment.models import build_tiny_components
+from pipelines import catalog, configuration
 
 pytestmark = pytest.mark.pipeline
 
@@ -23,19 +23,16 @@ def _run_pipeline(name: str, tmp: Path, *overrides: str):
 
     from pipelines import PIPELINES
 
-    config = run.resolve_config(
+    _config, resolved = configuration.prepare(
         name,
-        None,
-        "tiny",
-        (
+        profile="tiny",
+        overrides=(
             "parameters.training.max_train_steps=3",
             "parameters.training.train_batch_size=2",
             f"parameters.output.checkpoint_root={tmp / 'checkpoints'}",
             *overrides,
         ),
     )
-    run.preflight(name, config, "tiny")
-    resolved = run.save_resolved(name, config)
     PIPELINES[name].with_options(config_path=str(resolved), enable_cache=True)()
     return Client().get_pipeline(name).last_run
 
@@ -107,24 +104,37 @@ def test_lora_artifact_loads_into_a_diffusers_pipeline_and_changes_it(two_runs):
     assert not np.allclose(before, after)
 
 
+def _cli(*args: str):
+    import run  # the CLI itself
+
+    return CliRunner().invoke(run.main, list(args))
+
+
 def test_help_lists_the_pipelines():
-    result = CliRunner().invoke(run.main, ["--help"])
+    result = _cli("--help")
     assert result.exit_code == 0
-    for name in run.PIPELINE_NAMES:
-        assert name in result.output
+    names = catalog.pipeline_names()  # the training pipelines, then the others
+    rows = [line.split(maxsplit=1) for line in result.output.splitlines() if line.strip()]
+    assert [row for row in rows if row[0] in names] == [[name, catalog.describe(name)] for name in names]
+    result = _cli("--pipeline", "dpo_sdxll")
+    assert result.exit_code == 2 and all(name in result.output for name in catalog.pipeline_names())
 
 
 def test_real_config_without_weights_fails_fast_with_a_hint():
     # run.py's preflight stops before ZenML runs anything (how fast is not asserted here).
-    result = CliRunner().invoke(run.main, ["--pipeline", "dpo_sdxl"])
+    result = _cli("--pipeline", "dpo_sdxl")
     assert result.exit_code != 0
     assert "data/pickapic_v2" in result.output and "--profile tiny" in result.output
 
-    result = CliRunner().invoke(run.main, ["--pipeline", "dpo_sdxl", "--set", "parameters.data.path=data/tiny_pickapic"])
+    result = _cli("--pipeline", "dpo_sdxl", "--set", "parameters.data.path=data/tiny_pickapic")
     assert result.exit_code != 0
     assert "stabilityai/stable-diffusion-xl-base-1.0" in result.output and "--profile tiny" in result.output
 
 
 def test_unknown_profile_and_bad_values_are_named():
-    result = CliRunner().invoke(run.main, ["--pipeline", "dpo_sdxl", "--profile", "nope"])
+    result = _cli("--pipeline", "dpo_sdxl", "--profile", "nope")
     assert result.exit_code != 0 and "unknown profile 'nope'" in result.output
+    result = _cli("--pipeline", "dpo_sdxl", "--profile", "tiny", "--set", "parameters.training.caption_dropout=1.5")
+    assert result.exit_code == 2
+    rule = "Input should be less than or equal to 1"
+    assert result.output == f"error: parameters.training.caption_dropout = 1.5: {rule}\n"

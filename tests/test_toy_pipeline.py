@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-import run
+from pipelines import configuration
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 TOY_PREFERENCES = REPO_ROOT / "data" / "toyworld" / "preferences"
@@ -29,21 +29,19 @@ def smpo_toy_run(tmp_path_factory):
     from pipelines import PIPELINES
 
     tmp = tmp_path_factory.mktemp("toy-pipeline")
-    config = run.resolve_config(
+    _config, resolved = configuration.prepare(
         "smpo_sdxl",
-        None,
-        "toy",
-        (
+        profile="toy",
+        overrides=(
             "parameters.data.max_rows=48",
             "parameters.training.max_train_steps=3",
             "parameters.training.train_batch_size=4",
-            "parameters.training.inversion.mode=cached",
+            "parameters.training.method_options.inversion.mode=cached",
             "parameters.evaluation.seeds_per_prompt=1",
             f"parameters.output.checkpoint_root={tmp / 'checkpoints'}",
         ),
     )
-    run.preflight("smpo_sdxl", config, "toy")
-    PIPELINES["smpo_sdxl"].with_options(config_path=str(run.save_resolved("smpo_sdxl", config)))()
+    PIPELINES["smpo_sdxl"].with_options(config_path=str(resolved))()
     return Client().get_pipeline("smpo_sdxl").last_run
 
 

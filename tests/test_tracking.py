@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-import run
+from pipelines import configuration
 from steps import tracking
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -88,7 +88,7 @@ def test_tracked_steps_write_offline_wandb_runs_with_losses_and_evaluation(tmp_p
     )
     try:
         assert [c.flavor_name for c in stack.components["experiment_tracker"]] == ["wandb"]
-        config = run.resolve_config(
+        config = configuration.resolve_config(
             "dpo_sdxl",
             None,
             "tiny",
@@ -100,8 +100,8 @@ def test_tracked_steps_write_offline_wandb_runs_with_losses_and_evaluation(tmp_p
                 "steps.evaluate_alignment.experiment_tracker=true",
             ),
         )
-        run.preflight("dpo_sdxl", config, "tiny")
-        resolved = run.save_resolved("dpo_sdxl", config)
+        configuration.preflight("dpo_sdxl", config)
+        resolved = configuration.save_resolved("dpo_sdxl", config)
         PIPELINES["dpo_sdxl"].with_options(config_path=str(resolved), enable_cache=False)()
         pipeline_run = client.get_pipeline("dpo_sdxl").last_run
     finally:

@@ -262,8 +262,7 @@ def test_pipeline_stops_at_validation_on_a_corrupt_image(tmp_path):
     """A real dpo_sdxl run on a copy of the tiny set with one corrupt image."""
     from zenml.client import Client
 
-    import run
-    from pipelines import PIPELINES
+    from pipelines import PIPELINES, configuration
 
     data = tmp_path / "corrupt_pickapic"
     data.mkdir()
@@ -274,7 +273,7 @@ def test_pipeline_stops_at_validation_on_a_corrupt_image(tmp_path):
     pq.write_table(table, data / "train-00000-of-00001.parquet")
     bad_id = str(table["ranking_id"][5].as_py())
 
-    config = run.resolve_config(
+    config = configuration.resolve_config(
         "dpo_sdxl",
         None,
         "tiny",
@@ -284,8 +283,8 @@ def test_pipeline_stops_at_validation_on_a_corrupt_image(tmp_path):
             f"parameters.output.checkpoint_root={tmp_path / 'checkpoints'}",
         ),
     )
-    run.preflight("dpo_sdxl", config, "tiny")
-    resolved = run.save_resolved("dpo_sdxl", config)
+    configuration.preflight("dpo_sdxl", config)
+    resolved = configuration.save_resolved("dpo_sdxl", config)
     with pytest.raises(RuntimeError, match="failure in step\\(s\\): validate_preferences"):
         PIPELINES["dpo_sdxl"].with_options(config_path=str(resolved), enable_cache=False)()
 

@@ -1,0 +1,173 @@
+"""Running the pipelines with ZenML: a run, a replay, a snapshot, and what run.py records on them.
+
+Imported by run.py only once the configuration is resolved, valid and
+preflighted (``pipelines.configuration``), because importing ZenML and the
+pipelines takes seconds.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import click
+from zenml import Model, link_artifact_to_model, log_metadata
+from zenml.client import Client
+
+from pipelines import PIPELINES
+from pipelines.configuration import REPO_ROOT
+
+
+class RunFailed(click.ClickException):
+    """A run that failed in a step, or a replay that cannot start: one message, exit code 1."""
+
+
+def run_pipeline(pipeline_name: str, config: dict[str, Any], resolved: Path, *, no_cache: bool = False) -> Any:
+    """Run ``pipeline_name`` from its resolved configuration file and record that configuration on the run."""
+    pipeline = PIPELINES[pipeline_name].with_options(config_path=str(resolved), enable_cache=not no_cache)
+    pipeline_run = _run(pipeline)
+    if pipeline_run is not None:
+        record_run(pipeline_run.id, config, resolved)
+    return pipeline_run
+
+
+def create_snapshot(pipeline_name: str, resolved: Path, snapshot_name: str, *, no_cache: bool = False) -> Any:
+    """Register a ZenML snapshot of the configured pipeline (replacing one of the same name); nothing runs."""
+    pipeline = PIPELINES[pipeline_name].with_options(config_path=str(resolved), enable_cache=not no_cache)
+    return pipeline.create_snapshot(name=snapshot_name, replace=True)
+
+
+def record_run(run_id: Any, config: dict[str, Any], resolved: Path | None) -> None:
+    """Attach the resolved configuration and the data's DVC hash to the run and its model version.
+
+    Done here rather than in a step because it has to happen for every run:
+    a cached step does not log its metadata again (see README, "Registry,
+    promotion and reruns"). The data identity is read from the
+    ``preference_rows`` artifact, which carries it whether or not loading was cached.
+    """
+    run = Client().get_pipeline_run(run_id)
+    metadata: dict[str, Any] = {"resolved_config": config}
+    if resolved is not None:
+        metadata["resolved_config_file"] = str(
+            resolved.relative_to(REPO_ROOT) if resolved.is_relative_to(REPO_ROOT) else resolved
+        )
+    load = run.steps.get("load_preferences")
+    if load is not None and load.outputs.get("preference_rows"):
+        rows_metadata = load.outputs["preference_rows"][0].run_metadata
+        if "data_version" in rows_metadata:
+            metadata["data"] = {"dvc_md5": rows_metadata.get("dvc_md5"), **rows_metadata["data_version"]}
+    log_metadata(metadata=metadata, run_id_name_or_prefix=run.id)
+    if run.model_version is not None:
+        _link_skipped_outputs(run)
+        log_metadata(metadata=metadata, model_version_id=run.model_version.id)
+        click.echo(f"model version: {run.model_version.model.name} version {run.model_version.name}")
+
+
+def _link_skipped_outputs(run: Any) -> None:
+    """Link the outputs of steps a replay skipped to the new model version.
+
+    ZenML links the artifacts of executed and cached steps to the run's model
+    version, but not those of steps skipped by ``replay(skip=...)``; without
+    this, a version replayed ``--from evaluate_alignment`` would have an
+    eval_report but no lora_weights or validation_report to promote on.
+    """
+    model = Model(name=run.model_version.model.name, version=run.model_version.name)
+    for step_run in run.steps.values():
+        if str(step_run.status.value) != "skipped":
+            continue
+        for artifacts in step_run.outputs.values():
+            for artifact in artifacts:
+                link_artifact_to_model(artifact, model=model)
+
+
+def _failure_message(run_id: Any) -> str | None:
+    """The failed step's own error message (e.g. which promotion gate failed), if the run has one."""
+    run = Client().get_pipeline_run(run_id)
+    for name, step_run in run.steps.items():
+        info = step_run.exception_info
+        if info is not None and (info.message or info.traceback):
+            return f"step {name} failed: {info.message or info.traceback.strip().splitlines()[-1]}"
+    return None
+
+
+def _last_run_id(pipeline_name: str) -> Any:
+    try:
+        return Client().get_pipeline(pipeline_name).last_run.id
+    except (KeyError, RuntimeError):  # no such pipeline yet / no runs yet
+        return None
+
+
+def _run(pipeline: Any, *, replay_kwargs: dict[str, Any] | None = None) -> Any:
+    """Run (or replay) and turn a failed run into a short message naming the failed step."""
+    before = _last_run_id(pipeline.name)
+    try:
+        return pipeline.replay(**replay_kwargs) if replay_kwargs is not None else pipeline()
+    except Exception as error:
+        after = _last_run_id(pipeline.name)
+        message = _failure_message(after) if after is not None and after != before else None
+        if message is None:
+            raise
+        raise RunFailed(message) from error
+
+
+def _downstream(step_configurations: dict[str, Any], start: str) -> set[str]:
+    """``start`` and every step that (transitively) consumes its outputs."""
+    children: dict[str, set[str]] = {name: set() for name in step_configurations}
+    for name, step in step_configurations.items():
+        for upstream in step.spec.upstream_steps:
+            children.setdefault(upstream, set()).add(name)
+    seen, todo = {start}, [start]
+    while todo:
+        for child in children.get(todo.pop(), ()):
+            if child not in seen:
+                seen.add(child)
+                todo.append(child)
+    return seen
+
+
+def replay(run_ref: str, from_step: str | None, no_cache: bool = False) -> Any:
+    """Replay an earlier run with ZenML's ``Pipeline.replay``.
+
+    Without ``from_step`` every step runs again under the cache, so unchanged
+    steps come back as cached. With it, the steps before ``from_step`` are
+    skipped (their original outputs are reused as they are) and ``from_step``
+    and everything after it execute again, uncached.
+    """
+    try:
+        original = Client().get_pipeline_run(run_ref)
+    except (KeyError, ValueError) as error:
+        raise RunFailed(f"--replay {run_ref}: no such pipeline run ({error})") from error
+    name = original.pipeline.name if original.pipeline else None
+    if name not in PIPELINES:
+        raise RunFailed(f"--replay {run_ref}: run of pipeline {name!r}, which run.py does not know")
+    skip: set[str] | None = None
+    enable_cache = not no_cache
+    if from_step:
+        steps = original.snapshot.step_configurations
+        if from_step not in steps:
+            raise RunFailed(f"--from {from_step}: run {original.name} has no such step; its steps: {', '.join(steps)}")
+        skip = set(steps) - _downstream(steps, from_step)
+        enable_cache = False  # only the steps from `from_step` on are left, and they are to execute
+    # Pipeline-level settings of the original run (its model, tags, settings);
+    # the parameters are passed in full because replay() only fills in the
+    # ones without a default.
+    pipeline_config = original.config
+    pipeline = PIPELINES[name].with_options(
+        enable_cache=enable_cache,
+        model=pipeline_config.model,
+        settings=pipeline_config.settings,
+        tags=pipeline_config.tags,
+        extra=pipeline_config.extra,
+    )
+    click.echo(f"replaying run {original.name} of {name}" + (f" from step {from_step}" if from_step else ""))
+    new_run = _run(
+        pipeline,
+        replay_kwargs={
+            "pipeline_run": original.id,
+            "skip": skip,
+            "input_overrides": dict(pipeline_config.parameters or {}),
+        },
+    )
+    resolved = original.run_metadata.get("resolved_config")
+    record_run(new_run.id, resolved if isinstance(resolved, dict) else {"parameters": pipeline_config.parameters}, None)
+    return new_run
