@@ -33,7 +33,6 @@ import torch
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 
-import run  # noqa: E402
 from alignment.config import (  # noqa: E402
     DataConfig,
     EncodeConfig,
@@ -50,6 +49,7 @@ from alignment.inversion import build_inversion_cache  # noqa: E402
 from alignment.methods import smpo  # noqa: E402
 from alignment.train import save_trained_weights, train_alignment  # noqa: E402
 from alignment.train_config import TrainConfig  # noqa: E402
+from pipelines.configuration import resolve_config  # noqa: E402
 
 RESULTS_DIR = REPO_ROOT / "benchmarks" / "results"
 
@@ -63,7 +63,7 @@ def profile_parameters(method: str, overrides: list[str]) -> dict:
     modes = {"smpo_online": "online", "smpo_cached": "cached"}
     extra = (f"parameters.training.method_options.inversion.mode={modes[method]}",) if method in modes else ()
     assignments = extra + tuple(f"parameters.{o}" for o in overrides)
-    config = run.resolve_config(f"{pipeline_method}_sdxl", None, "toy", assignments)
+    config = resolve_config(f"{pipeline_method}_sdxl", None, "toy", assignments)
     return config["parameters"]
 
 

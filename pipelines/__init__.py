@@ -1,4 +1,10 @@
-"""ZenML pipelines: composition only. ``PIPELINES`` is what run.py offers (names: ``pipelines.catalog``)."""
+"""ZenML pipelines and running them.
+
+``alignment`` and ``promote`` compose steps (and nothing else); ``catalog`` says
+which pipelines exist and their parameters; ``configuration`` builds and checks
+a run's configuration (no ZenML); ``runs`` runs, replays and records them.
+``PIPELINES`` is what run.py offers.
+"""
 
 from __future__ import annotations
 

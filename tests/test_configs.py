@@ -261,7 +261,7 @@ def test_deploy_profiles_settings_validate_against_their_zenml_classes(profile: 
     assert docker.install_stack_requirements is False  # the wandb integration would add weave
     classes = _flavor_settings_classes()
     for step_name, step_config in config["steps"].items():
-        assert step_name in steps.__all__, f"{profile}: steps.{step_name} is not a step of this project"
+        assert step_name in steps.project_steps(), f"{profile}: steps.{step_name} is not a step of this project"
         for key, values in step_config.get("settings", {}).items():
             settings_class = ResourceSettings if key == "resources" else classes[key]
             with warnings.catch_warnings():

@@ -8,8 +8,6 @@ ZenML computes the file part of it (the content of ``file_dependencies``).
 from __future__ import annotations
 
 import hashlib
-import importlib
-import pkgutil
 import shutil
 from pathlib import Path
 
@@ -22,14 +20,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
 def _all_steps():
-    from zenml.steps import BaseStep
-
-    found = {}
-    for module in pkgutil.iter_modules(steps.__path__):
-        for value in vars(importlib.import_module(f"steps.{module.name}")).values():
-            if isinstance(value, BaseStep):
-                found[value.name] = value
-    return found
+    return steps.project_steps()
 
 
 def _files(policy) -> set[str]:

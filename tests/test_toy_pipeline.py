@@ -29,20 +29,21 @@ def smpo_toy_run(tmp_path_factory):
     from pipelines import PIPELINES
 
     tmp = tmp_path_factory.mktemp("toy-pipeline")
-    _config, resolved = configuration.prepare(
-        "smpo_sdxl",
-        profile="toy",
-        overrides=(
-            "parameters.data.max_rows=48",
-            "parameters.training.max_train_steps=3",
-            "parameters.training.train_batch_size=4",
-            "parameters.training.method_options.inversion.mode=cached",
-            "parameters.evaluation.seeds_per_prompt=1",
-            f"parameters.output.checkpoint_root={tmp / 'checkpoints'}",
-        ),
-    )
+    _config, resolved = configuration.prepare("smpo_sdxl", profile="toy", overrides=_short_run(tmp))
     PIPELINES["smpo_sdxl"].with_options(config_path=str(resolved))()
     return Client().get_pipeline("smpo_sdxl").last_run
+
+
+def _short_run(tmp, *extra: str) -> tuple[str, ...]:
+    return (
+        "parameters.data.max_rows=48",
+        "parameters.training.max_train_steps=3",
+        "parameters.training.train_batch_size=4",
+        "parameters.training.method_options.inversion.mode=cached",
+        "parameters.evaluation.seeds_per_prompt=1",
+        f"parameters.output.checkpoint_root={tmp / 'checkpoints'}",
+        *extra,
+    )
 
 
 def test_smpo_toy_run_executes_every_step(smpo_toy_run):
@@ -80,3 +81,22 @@ def test_smpo_toy_run_registers_labels_weights_and_report(smpo_toy_run):
     report = version.get_artifact("eval_report").load()
     assert report["scorer"] == "toy_oracle" and report["samples"] == 12
     assert 0.0 <= report["win_rate_ci95"][0] <= report["win_rate_vs_base"] <= report["win_rate_ci95"][1] <= 1.0
+
+
+def test_a_beta_sweep_reuses_scoring_smoothing_and_the_inversion_cache(smpo_toy_run, tmp_path):
+    from zenml.client import Client
+
+    from pipelines import PIPELINES
+
+    _config, resolved = configuration.prepare(
+        "smpo_sdxl", profile="toy", overrides=_short_run(tmp_path, "parameters.training.beta=1000")
+    )
+    PIPELINES["smpo_sdxl"].with_options(config_path=str(resolved))()
+    rerun = Client().get_pipeline("smpo_sdxl").last_run
+    status = {name: str(step.status.value) for name, step in rerun.steps.items()}
+    for step in ("encode_pairs", "score_rewards", "smooth_preferences", "invert_pairs", "smpo_inputs"):
+        assert status[step] == "cached", (step, status)
+    assert status["train_alignment"] == "completed", status
+    assert rerun.steps["invert_pairs"].outputs["inversion_cache"][0].id == (
+        smpo_toy_run.steps["invert_pairs"].outputs["inversion_cache"][0].id
+    )
