@@ -20,14 +20,17 @@ from pathlib import Path
 
 import click
 
-REPO_ROOT = Path(__file__).resolve().parent
-sys.path.insert(0, str(REPO_ROOT))
-from pipelines import catalog, configuration  # noqa: E402
-
 # Local-first defaults: no telemetry, W&B offline unless the user says otherwise.
 os.environ.setdefault("ZENML_ANALYTICS_OPT_IN", "false")
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("DVC_NO_ANALYTICS", "1")
+# transformers announces at import that torchvision is absent (we do not use its image processors).
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+REPO_ROOT = Path(__file__).resolve().parent
+sys.path.insert(0, str(REPO_ROOT))
+from pipelines import catalog, configuration  # noqa: E402
+
 
 
 def _help() -> str:
