@@ -104,6 +104,20 @@ def test_lora_artifact_loads_into_a_diffusers_pipeline_and_changes_it(two_runs):
     assert not np.allclose(before, after)
 
 
+def test_full_fine_tuning_is_the_same_step_and_names_its_artifact_unet_weights(tmp_path):
+    from zenml.enums import ArtifactType
+
+    run = _run_pipeline(
+        "sft_sd15", tmp_path, "parameters.training.finetune=full", "parameters.training.max_train_steps=1"
+    )
+    outputs = run.steps["train_alignment"].outputs
+    assert "unet_weights" in outputs and "lora_weights" not in outputs
+    artifact = outputs["unet_weights"][0]
+    assert artifact.type == ArtifactType.MODEL
+    assert (Path(artifact.load()) / "unet" / "config.json").is_file()
+    assert _status(run, "evaluate_alignment") == "completed"
+
+
 def _cli(*args: str):
     import run  # the CLI itself
 
