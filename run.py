@@ -32,7 +32,6 @@ sys.path.insert(0, str(REPO_ROOT))
 from pipelines import catalog, configuration  # noqa: E402
 
 
-
 def _help() -> str:
     training = list(catalog.training_pipelines())
     others = [name for name in catalog.pipeline_names() if name not in training]

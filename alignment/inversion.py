@@ -37,9 +37,9 @@ from typing import Any, Literal
 
 import torch
 from diffusers import DDIMInverseScheduler, DDIMScheduler
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 from safetensors.torch import load_file, save_file
 from torch import Tensor
-from pydantic import BaseModel, ConfigDict, Field, model_validator
 from tqdm.auto import tqdm
 
 UnetFn = Callable[[Tensor, Tensor], Tensor]

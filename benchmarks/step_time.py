@@ -31,9 +31,9 @@ sys.path.insert(0, str(REPO_ROOT))
 from alignment.config import DataConfig, EncodeConfig  # noqa: E402
 from alignment.data import load_preference_frame, prepare_pairs  # noqa: E402
 from alignment.encoding import encode_pairs  # noqa: E402
-from alignment.models import ModelSpec, load_components  # noqa: E402
 from alignment.inversion import build_inversion_cache  # noqa: E402
 from alignment.methods import smpo  # noqa: E402
+from alignment.models import ModelSpec, load_components  # noqa: E402
 from alignment.train import train_alignment  # noqa: E402
 from alignment.train_config import TrainConfig  # noqa: E402
 from benchmarks.toy_alignment import machine, profile_parameters, smpo_labels, write_results  # noqa: E402

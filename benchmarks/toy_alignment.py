@@ -42,11 +42,11 @@ from alignment.config import (  # noqa: E402
 from alignment.data import load_preference_frame, prepare_pairs  # noqa: E402
 from alignment.encoding import encode_pairs  # noqa: E402
 from alignment.evaluate import evaluate_config  # noqa: E402
+from alignment.inversion import build_inversion_cache  # noqa: E402
+from alignment.methods import smpo  # noqa: E402
 from alignment.models import ModelSpec, load_components  # noqa: E402
 from alignment.rewards.pairs import score_pairs  # noqa: E402
 from alignment.smoothing import SmoothingConfig, smooth_labels  # noqa: E402
-from alignment.inversion import build_inversion_cache  # noqa: E402
-from alignment.methods import smpo  # noqa: E402
 from alignment.train import save_trained_weights, train_alignment  # noqa: E402
 from alignment.train_config import TrainConfig  # noqa: E402
 from pipelines.configuration import resolve_config  # noqa: E402

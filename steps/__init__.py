@@ -21,7 +21,6 @@ from steps.train_alignment import train_alignment
 from steps.validate_preferences import validate_preferences
 
 
-
 def project_steps() -> dict:
     """Every ZenML step defined in a module of this package, by step name."""
     from zenml.steps import BaseStep

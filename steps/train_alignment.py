@@ -13,7 +13,8 @@ from alignment.config import OutputConfig
 from alignment.inputs import TrainingInputs
 from alignment.launch import launch_training
 from alignment.models import ModelSpec, load_components
-from alignment.train import run_fingerprint, save_trained_weights, train_alignment as train_with_accelerate
+from alignment.train import run_fingerprint, save_trained_weights
+from alignment.train import train_alignment as train_with_accelerate
 from alignment.train_config import TrainConfig
 from steps import tracking
 from steps.caching import TOY_BASE_MODELS, cache_on, cache_on_method

@@ -45,9 +45,8 @@ def _policy(name: str):
 
 
 def test_keys_reach_what_the_steps_run_including_lazy_imports_and_data():
-    from steps.train_alignment import train_alignment_for
-
     from alignment.train_config import TrainConfig
+    from steps.train_alignment import train_alignment_for
 
     smpo = _files(train_alignment_for(TrainConfig(method="smpo")).configuration.cache_policy)
     dpo = _files(train_alignment_for(TrainConfig(method="dpo")).configuration.cache_policy)

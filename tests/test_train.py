@@ -7,14 +7,14 @@ import math
 import pytest
 import torch
 
-from alignment.conditioning import encode_prompts, sdxl_time_ids
-from alignment.encoding import EncodedPairs
-from alignment.models import LoraSpec, build_tiny_components, lora_state_dict
 from alignment.batching import gather_batch
 from alignment.checkpoints import list_checkpoints
+from alignment.conditioning import encode_prompts, sdxl_time_ids
+from alignment.encoding import EncodedPairs
 from alignment.inputs import global_batch_indices
 from alignment.inversion import InversionCache, InversionConfig, build_inversion_cache
 from alignment.methods import smpo
+from alignment.models import LoraSpec, build_tiny_components, lora_state_dict
 from alignment.train import PreferenceTrainer, train_alignment
 from alignment.train_config import TrainConfig
 
