@@ -7,6 +7,11 @@ pipelines takes seconds.
 
 from __future__ import annotations
 
+import hashlib
+import platform
+import re
+import sys
+from importlib import metadata as importlib_metadata
 from pathlib import Path
 from typing import Any
 
@@ -38,7 +43,7 @@ def create_snapshot(pipeline_name: str, resolved: Path, snapshot_name: str, *, n
 
 
 def record_run(run_id: Any, config: dict[str, Any], resolved: Path | None) -> None:
-    """Attach the resolved configuration and the data's DVC hash to the run and its model version.
+    """Attach the resolved configuration, the data's DVC hash and the environment to the run and its model version.
 
     Done here rather than in a step because it has to happen for every run:
     a cached step does not log its metadata again (see README, "Registry,
@@ -46,7 +51,7 @@ def record_run(run_id: Any, config: dict[str, Any], resolved: Path | None) -> No
     ``preference_rows`` artifact, which carries it whether or not loading was cached.
     """
     run = Client().get_pipeline_run(run_id)
-    metadata: dict[str, Any] = {"resolved_config": config}
+    metadata: dict[str, Any] = {"resolved_config": config, "environment": environment(config)}
     if resolved is not None:
         metadata["resolved_config_file"] = str(
             resolved.relative_to(REPO_ROOT) if resolved.is_relative_to(REPO_ROOT) else resolved
@@ -61,6 +66,68 @@ def record_run(run_id: Any, config: dict[str, Any], resolved: Path | None) -> No
         _link_skipped_outputs(run)
         log_metadata(metadata=metadata, model_version_id=run.model_version.id)
         click.echo(f"model version: {run.model_version.model.name} version {run.model_version.name}")
+
+
+LOCK_DIR = REPO_ROOT / "requirements"
+_PIN = re.compile(r"^([A-Za-z0-9][A-Za-z0-9._-]*)(?:\[[^\]]*\])?==([^\s;\\]+)", re.MULTILINE)
+
+
+def _canonical(name: str) -> str:
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
+def _sha256(path: Path) -> str:
+    return "sha256:" + hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def environment(config: dict[str, Any] | None = None, installed: dict[str, str] | None = None) -> dict[str, Any]:
+    """The environment a run ran with: which committed lock it matches (and that lock's sha256), python, torch, platform.
+
+    ``lock`` is the sha256 of the largest lock in requirements/ whose every pin is installed
+    at exactly its version (CI installs test.lock, the Quickstart base.lock); if none matches,
+    of ``base.lock``, with the packages that differ from it in ``lock_mismatches``.
+    ``packages`` is the sha256 of the installed ``name==version`` list, so two runs with
+    the same value ran with the same package set, lock or not. With a deploy profile
+    (``settings.docker.requirements``), ``image_lock`` is the sha256 of the lock its image installs.
+    ``installed`` (``{name: version}``) replaces the scan of this interpreter's packages (tests).
+    """
+    if installed is None:
+        installed = {}
+        for dist in importlib_metadata.distributions():
+            name = dist.metadata["Name"]
+            if name:
+                installed.setdefault(_canonical(name), dist.version)
+    installed = {_canonical(k): v for k, v in installed.items()}
+    matched: tuple[int, Path] | None = None
+    mismatches: dict[str, dict[str, str | None]] = {}
+    for lock in sorted(LOCK_DIR.glob("*.lock")):
+        pinned = {_canonical(n): v for n, v in _PIN.findall(lock.read_text())}
+        differ = {n: {"locked": v, "installed": installed.get(n)} for n, v in pinned.items() if installed.get(n) != v}
+        if not differ and (matched is None or len(pinned) > matched[0]):
+            matched = (len(pinned), lock)
+        if lock.stem == "base":
+            mismatches = differ
+    lock_file = matched[1] if matched else LOCK_DIR / "base.lock"
+    result: dict[str, Any] = {
+        "lock_file": str(lock_file.relative_to(REPO_ROOT)),
+        "lock": _sha256(lock_file) if lock_file.exists() else None,
+        "matches_lock": matched is not None,
+        "python": platform.python_version(),
+        "torch": installed.get("torch"),
+        "platform": platform.platform(),
+        "packages": "sha256:"
+        + hashlib.sha256("\n".join(f"{n}=={v}" for n, v in sorted(installed.items())).encode()).hexdigest(),
+    }
+    if matched is None:
+        result["lock_mismatches"] = mismatches
+    torch = sys.modules.get("torch")
+    if torch is not None:
+        result["cuda"] = getattr(torch.version, "cuda", None)
+    image_requirements = (((config or {}).get("settings") or {}).get("docker") or {}).get("requirements")
+    if isinstance(image_requirements, str) and (REPO_ROOT / image_requirements).is_file():
+        result["image_lock_file"] = image_requirements
+        result["image_lock"] = _sha256(REPO_ROOT / image_requirements)
+    return result
 
 
 def _link_skipped_outputs(run: Any) -> None:

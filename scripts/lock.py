@@ -110,10 +110,11 @@ def _uv() -> list[str]:
 
 
 def _header(name: str, extras: tuple[str, ...], purpose: str, digest: str, uv_version: str) -> str:
+    torch = next(r for r in pyproject_sections()["dependencies"] if re.match(r"torch\s*==", r)).replace(" ", "")
     install = (
-        "pip install --require-hashes --no-deps -r requirements/{0}.lock && pip install torch==2.13.0"
+        f"pip install --require-hashes --no-deps -r requirements/{name}.lock && pip install {torch}"
         " && pip install --no-deps --no-build-isolation -e ."
-    ).format(name)
+    )
     return "\n".join(
         [
             f"# requirements/{name}.lock: {purpose}.",

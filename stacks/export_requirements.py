@@ -1,10 +1,11 @@
-"""Print the project's requirements from pyproject.toml, one per line, for ZenML image builds.
+"""Print the project's direct requirements from pyproject.toml, one per line.
 
-The gpu / k8s / vertex profiles point ``DockerSettings.pyproject_export_command``
-here. ZenML's default export commands are ``uv export`` and ``poetry export``:
-both need that tool on the building machine and a lock file, while this
-project declares version ranges in ``[project]`` that the installer resolves
-inside the image. Reading them needs only the standard library.
+The ranges pyproject.toml declares (``[project].dependencies`` plus the named
+extras), not the pinned versions: the images of the gpu / k8s / vertex
+profiles install the committed locks in requirements/ instead (made by
+``python scripts/lock.py``). Used by the tests to check that the locks and the
+stack integrations' requirements cover what pyproject declares. Reading them
+needs only the standard library.
 
     python stacks/export_requirements.py pyproject.toml --extra k8s
 """

@@ -276,7 +276,10 @@ def test_deploy_profiles_settings_validate_against_their_zenml_classes(profile: 
     for step_name in (*TRAIN_STEPS, "evaluate_alignment"):
         assert config["steps"][step_name]["experiment_tracker"] is True, (profile, step_name)
     for step_name in TRAIN_STEPS:
-        assert config["steps"][step_name].get("step_operator") is (True if profile != "gpu" else None), (profile, step_name)
+        assert config["steps"][step_name].get("step_operator") is (True if profile != "gpu" else None), (
+            profile,
+            step_name,
+        )
     # Only the training step goes to the step operator; the rest stay with the orchestrator.
     assert all("step_operator" not in c for s, c in config["steps"].items() if s not in TRAIN_STEPS)
 
@@ -286,25 +289,38 @@ def test_deploy_profiles_pin_a_cuda_image_with_the_projects_torch():
     images = set()
     for profile in DEPLOY_PROFILES:
         image = configuration.resolve_config("dpo_sdxl", None, profile, ())["settings"]["docker"]["parent_image"]
-        assert re.fullmatch(rf"pytorch/pytorch:{re.escape(pin)}-cuda[0-9.]+-cudnn[0-9]+-runtime", image), (profile, image)
+        assert re.fullmatch(rf"pytorch/pytorch:{re.escape(pin)}-cuda[0-9.]+-cudnn[0-9]+-runtime", image), (
+            profile,
+            image,
+        )
         images.add(image)
     assert len(images) == 1, images
 
 
-@pytest.mark.parametrize("profile, extra", [("gpu", None), ("k8s", "k8s"), ("vertex", "vertex")])
-def test_deploy_images_install_pyproject_requirements_through_zenml(profile: str, extra: str | None, monkeypatch):
-    """ZenML's own builder runs the profile's export command and gets pyproject's dependencies (+ extra)."""
-    import tomllib
+@pytest.mark.parametrize("profile, lock", [("gpu", "base"), ("k8s", "k8s"), ("vertex", "vertex")])
+def test_deploy_images_install_the_committed_lock_through_zenml(profile: str, lock: str, monkeypatch):
+    """ZenML's own builder gets the profile's lock file, byte for byte, and installs it hash-checked, unresolved.
 
+    The lock comes from the same joint resolution as the one CI installs (tests/test_lock.py) and holds
+    pyproject's dependencies (+ the profile's extra); torch is left to the CUDA parent image.
+    """
     from zenml.config import DockerSettings
     from zenml.utils.pipeline_docker_image_builder import PipelineDockerImageBuilder
 
-    monkeypatch.chdir(REPO_ROOT)  # pyproject_path is relative to where run.py is started
+    monkeypatch.chdir(REPO_ROOT)  # requirements is relative to where run.py is started
     docker = DockerSettings.model_validate(
         configuration.resolve_config("smpo_sdxl", None, profile, ())["settings"]["docker"]
     )
     files = PipelineDockerImageBuilder.gather_requirements_files(docker, stack=None, log=False)
-    assert [name for name, _, _ in files] == [".zenml_pyproject_requirements"]
-    project = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())["project"]
-    expected = project["dependencies"] + (project["optional-dependencies"][extra] if extra else [])
-    assert files[0][1].splitlines() == expected
+    assert [name for name, _, _ in files] == [".zenml_user_requirements"]  # nothing installed besides the lock
+    lock_file = REPO_ROOT / "requirements" / f"{lock}.lock"
+    assert files[0][1] == lock_file.read_text()
+    assert f"# extras: {lock if lock != 'base' else '(none)'};" in lock_file.read_text().splitlines()[1]
+    # The Dockerfile ZenML writes installs that file with --require-hashes --no-deps: no resolution in the image.
+    dockerfile = PipelineDockerImageBuilder._generate_zenml_pipeline_dockerfile(
+        parent_image=docker.parent_image, docker_settings=docker, requirements_files=files
+    )
+    (install,) = [
+        line for line in dockerfile.splitlines() if line.startswith("RUN") and ".zenml_user_requirements" in line
+    ]
+    assert "--require-hashes" in install.split() and "--no-deps" in install.split(), install

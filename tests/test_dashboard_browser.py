@@ -103,7 +103,7 @@ def chromium_path(_only_when_asked) -> str:
     try:
         import playwright.sync_api  # noqa: F401
     except ImportError:
-        pytest.fail("playwright is not installed: PLAYWRIGHT_SKIP_BROWSER_DOWNLOAD=1 pip install -e '.[browser]'")
+        pytest.fail("playwright is not installed: pip install --require-hashes --no-deps -r requirements/browser.lock (README, Dashboard)")
     return path
 
 

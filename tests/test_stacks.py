@@ -142,6 +142,12 @@ def test_remote_stack_integration_requirements_are_in_the_profile_image(kind: st
 
     exported = export_requirements.requirements(REPO_ROOT / "pyproject.toml", [kind])
     available = {canonicalize_name(Requirement(line).name) for line in exported}
+    # The profile's image installs requirements/<kind>.lock (configs/profiles/<kind>.yaml): they are pinned there.
+    lock_text = (REPO_ROOT / "requirements" / f"{kind}.lock").read_text()
+    locked = {
+        canonicalize_name(m) for m in re.findall(r"^([A-Za-z0-9][A-Za-z0-9._-]*)(?:\[[^\]]*\])?==", lock_text, re.M)
+    }
+    assert available - {"torch"} <= locked, sorted(available - locked)
     store = Client().zen_store
     for env in ("staging", "production"):
         data = register.render(STACKS / f"{kind}-{env}.yaml", TEST_VALUES, use_environment=False)
