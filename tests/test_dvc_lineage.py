@@ -9,7 +9,6 @@ must never silently come from older code.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import subprocess
 import sys
@@ -21,16 +20,13 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+from tests.script_modules import load_script
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
 def _script(name: str) -> ModuleType:
-    spec = importlib.util.spec_from_file_location(name, REPO_ROOT / "scripts" / f"{name}.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module  # dataclasses look their module up while the class is created
-    spec.loader.exec_module(module)
-    return module
+    return load_script(name, REPO_ROOT / "scripts" / f"{name}.py")
 
 
 dvc_deps = _script("dvc_deps")

@@ -6,9 +6,7 @@ Offline and fast: reads files only, never resolves. When pyproject's dependencie
 
 from __future__ import annotations
 
-import importlib.util
 import re
-import sys
 from pathlib import Path
 
 import pytest
@@ -16,18 +14,12 @@ from packaging.markers import default_environment
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 
+from tests.script_modules import load_script
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
-def _load(name: str, path: Path):
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-lock = _load("alignment_lock_script", REPO_ROOT / "scripts" / "lock.py")
+lock = load_script("alignment_lock_script", REPO_ROOT / "scripts" / "lock.py")
 NAMES = [lock.ALL, *lock.LOCKS]
 # The target every lock is made for (scripts/lock.py): CPython 3.11 on Linux x86_64.
 TARGET = {

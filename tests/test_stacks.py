@@ -5,30 +5,22 @@ isolated test store (remote components register offline; they are never run).
 
 from __future__ import annotations
 
-import importlib.util
 import re
-import sys
 from pathlib import Path
 
 import pytest
 import yaml
 from click.testing import CliRunner
 
+from tests.script_modules import load_script
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 STACKS = REPO_ROOT / "stacks"
 EXPECTED = {"local", "k8s-staging", "k8s-production", "vertex-staging", "vertex-production"}
 
 
-def _load(name: str, path: Path):
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-register = _load("alignment_stack_register", STACKS / "register.py")
-export_requirements = _load("alignment_export_requirements", STACKS / "export_requirements.py")
+register = load_script("alignment_stack_register", STACKS / "register.py")
+export_requirements = load_script("alignment_export_requirements", STACKS / "export_requirements.py")
 
 # Values a user would pass; the EKS-style ARN checks that values need no YAML quoting.
 TEST_VALUES = {

@@ -8,7 +8,6 @@ offline runs are read back with W&B's own reader (`wandb leet inspect`).
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import subprocess
 import sys
@@ -19,6 +18,7 @@ from PIL import Image
 
 from pipelines import configuration
 from steps import tracking
+from tests.script_modules import load_script
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -75,9 +75,7 @@ def test_tracked_steps_write_offline_wandb_runs_with_losses_and_evaluation(tmp_p
 
     from pipelines import PIPELINES
 
-    spec = importlib.util.spec_from_file_location("alignment_stack_register_t", REPO_ROOT / "stacks" / "register.py")
-    register = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(register)
+    register = load_script("alignment_stack_register_t", REPO_ROOT / "stacks" / "register.py")
 
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_DIR", str(tmp_path))
