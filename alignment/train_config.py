@@ -88,7 +88,3 @@ class TrainConfig(BaseModel):
     def options(self) -> BaseModel:
         """The method's options as its own typed model."""
         return self.method_class.Options.model_validate(self.method_options)
-
-    @property
-    def uses_reference(self) -> bool:
-        return self.method_class.uses_reference
