@@ -18,7 +18,9 @@ class DataConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    path: str = Field("data/tiny_pickapic", description="directory of Pick-a-Pic-schema parquet shards or a datasets dir")
+    path: str = Field(
+        "data/tiny_pickapic", description="directory of Pick-a-Pic-schema parquet shards or a datasets dir"
+    )
     split: str = "train"
     max_rows: int | None = Field(None, ge=1, description="read at most this many rows (smoke runs)")
     drop_ties: bool = True
@@ -40,7 +42,9 @@ class ValidationConfig(BaseModel):
         description="stop: any failed expectation stops the run; quarantine: drop rows failing a row-level "
         "expectation (counted per reason) and go on; data-set-level failures still stop",
     )
-    decode_images: bool = Field(True, description="fully decode every image (catches truncated bytes); else headers only")
+    decode_images: bool = Field(
+        True, description="fully decode every image (catches truncated bytes); else headers only"
+    )
     min_pairs: int = Field(1, ge=1, description="fewest usable (non-tie) pairs to train on")
     max_tie_ratio: float = Field(0.5, ge=0, le=1, description="refuse data that is mostly ties")
     min_caption_chars: int = Field(1, ge=0, description="fewest non-blank caption characters (0 allows empty captions)")
@@ -95,7 +99,11 @@ class EvalConfig(BaseModel):
     scorer: Literal["toy_oracle", "none"] = Field(
         "toy_oracle", description="toy_oracle: the toy world's ground truth; none: samples and grid only"
     )
-    prompt_set: Literal["toyworld_heldout", "list"] = "toyworld_heldout"
+    prompt_set: Literal["toyworld_heldout", "toyworld_validation", "list"] = Field(
+        "toyworld_heldout",
+        description="toyworld_heldout: the 48 test prompts results are reported on; "
+        "toyworld_validation: the 24 prompts methods are tuned on; list: evaluation.prompts",
+    )
     prompts: list[str] = Field(default_factory=list, description="used when prompt_set is 'list'")
     seeds_per_prompt: int = Field(8, ge=1)
     seed_offset: int = Field(10_000, ge=0, description="evaluation seeds never overlap the data's seeds")
@@ -111,7 +119,9 @@ class EvalConfig(BaseModel):
             return list(self.prompts)
         from alignment.toyworld.world import split_scenes
 
-        return [scene.prompt for scene in split_scenes()[1]]
+        split = split_scenes()
+        scenes = split.validation if self.prompt_set == "toyworld_validation" else split.test
+        return [scene.prompt for scene in scenes]
 
 
 class RewardConfig(BaseModel):
@@ -119,7 +129,9 @@ class RewardConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    scorer: str = Field("toy_reward", description="pickscore, hpsv21, imagereward, laion_aesthetic, clip_score, toy_reward")
+    scorer: str = Field(
+        "toy_reward", description="pickscore, hpsv21, imagereward, laion_aesthetic, clip_score, toy_reward"
+    )
     source: str | None = Field(None, description="hub id (cached) or local path; None = the published default")
     options: dict = Field(default_factory=dict, description="scorer-specific options, e.g. {raw_cosine: true}")
     batch_size: int = Field(32, ge=1)

@@ -17,7 +17,7 @@ pytestmark = pytest.mark.skipif(not PREFERENCES.is_dir(), reason="toy preference
 OPTIONS = {"drop_ties": True, "require_has_label": False, "require_are_different": False}
 
 
-@pytest.mark.parametrize("split", ["train", "validation"])
+@pytest.mark.parametrize("split", ["train", "validation", "reward_pool"])
 def test_preference_set_passes_the_loader_and_validation(split):
     rows = load_preference_frame(PREFERENCES, split=split)
     report = validate_preference_rows(rows, OPTIONS, ValidationConfig())
@@ -29,14 +29,24 @@ def test_preference_set_passes_the_loader_and_validation(split):
     assert set(rows["model_0"]) == set(rows["model_1"]) and rows["user_id"].nunique() > 5
 
 
-def test_only_train_prompts_are_in_the_preferences():
-    train, heldout = split_scenes()
-    rows = load_preference_frame(PREFERENCES, split="train")
-    scenes = {parse_prompt(caption) for caption in rows["caption"].unique()}
-    assert scenes == set(train)
-    assert not scenes & set(heldout)
+@pytest.mark.parametrize("split", ["train", "validation", "reward_pool"])
+def test_only_train_prompts_are_in_the_preferences(split):
+    scenes = split_scenes()
+    rows = load_preference_frame(PREFERENCES, split=split)
+    seen = {parse_prompt(caption) for caption in rows["caption"].unique()}
+    assert seen == set(scenes.train)
+    assert not seen & (set(scenes.validation) | set(scenes.test))
     prompts = json.loads((PREFERENCES / "prompts.json").read_text())
-    assert prompts["heldout"] == [scene.prompt for scene in heldout]
+    assert prompts["heldout"] == [scene.prompt for scene in scenes.test]
+    assert prompts["validation"] == [scene.prompt for scene in scenes.validation]
+
+
+def test_reward_pool_is_ten_times_the_alignment_set_on_other_seeds():
+    train = load_preference_frame(PREFERENCES, split="train")
+    pool = load_preference_frame(PREFERENCES, split="reward_pool")
+    assert len(pool) == 10 * len(train)
+    seeds = lambda rows: set(rows["image_0_uid"]) | set(rows["image_1_uid"])  # noqa: E731
+    assert not seeds(train) & seeds(pool)
 
 
 def test_annotators_mostly_prefer_the_better_image():
@@ -44,3 +54,5 @@ def test_annotators_mostly_prefer_the_better_image():
     train = summary["splits"]["train"]
     assert train["label_agrees_with_oracle_reward"] > 0.6
     assert train["winner_correct_rate"] > train["loser_correct_rate"]
+    # The annotators see through their own perception model, which is right about most samples.
+    assert train["perception_agrees_with_oracle_on_correctness"] > 0.7

@@ -37,8 +37,8 @@ from alignment.toyworld.world import Scene, all_scenes, split_scenes
 
 # Small enough that a test trains it in a few seconds on one thread.
 TINY_MODEL = {"width": 8, "embed_dim": 32, "word_dim": 32, "dropout": 0.0}
-TRAIN_SCENES, HELDOUT_SCENES = split_scenes()
-PAIR_SCENES = TRAIN_SCENES[::3]  # 12 scenes: every attribute value still occurs
+TRAIN_SCENES = split_scenes().train
+PAIR_SCENES = TRAIN_SCENES[::3]  # 24 scenes: every attribute value still occurs
 
 
 def _png(image) -> bytes:
@@ -128,7 +128,7 @@ def test_mirrored_caption_swaps_left_and_right_only():
 
 def _scenes_and_images(count: int = 5, seed: int = 0) -> tuple[list[str], list]:
     rng = np.random.default_rng(seed)
-    scenes = [all_scenes()[i] for i in rng.choice(48, size=count, replace=False)]
+    scenes = [all_scenes()[i] for i in rng.choice(len(all_scenes()), size=count, replace=False)]
     return [scene.prompt for scene in scenes], [render(scene, rng) for scene in scenes]
 
 
@@ -274,7 +274,7 @@ def test_load_names_the_missing_file(tmp_path):
 def test_committed_model_prefers_the_prompted_render():
     scorer = ToyRewardScorer.load()  # None / the default directory
     assert (DEFAULT_REWARD_MODEL_DIR / WEIGHTS_FILE).stat().st_size < 2_000_000
-    # All 48 scenes, the 12 held-out combinations included; clean fresh renders.
+    # All 144 scenes, the 72 validation and test combinations included; clean fresh renders.
     rate = rank_against_wrong_attribute(scorer.model, all_scenes(), renders_per_scene=5, seed=2024)
     assert rate >= COMMITTED_RANKING_FLOOR, rate
 

@@ -24,7 +24,7 @@ from alignment.toyworld.render import (
     render_batch,
     to_tensor,
 )
-from alignment.toyworld.world import ATTRIBUTES, Scene, all_scenes, parse_prompt
+from alignment.toyworld.world import ATTRIBUTES, Scene, all_scenes
 
 SCENES = all_scenes()
 
@@ -62,11 +62,13 @@ def test_position_and_size_are_visible_in_every_render():
     for scene in SCENES:
         for image in [render(scene)] + [render(scene, rng) for _ in range(5)]:
             mask = _shape_mask(image)
-            centre_x = np.nonzero(mask)[1].mean() + 0.5
-            if scene.position == "left":
-                assert centre_x < IMAGE_SIZE / 2, scene
-            else:
-                assert centre_x > IMAGE_SIZE / 2, scene
+            rows, columns = np.nonzero(mask)
+            # Offset of the shape's bounding-box centre from the canvas centre.
+            dx = (columns.min() + columns.max() + 1) / 2 - IMAGE_SIZE / 2
+            dy = (rows.min() + rows.max() + 1) / 2 - IMAGE_SIZE / 2
+            along, across = {"left": (-dx, dy), "right": (dx, dy), "top": (-dy, dx), "bottom": (dy, dx)}[scene.position]
+            # Clearly off-centre along its axis, and more so than across it: no position looks like another.
+            assert along >= 2.0 and along > 1.5 * abs(across), (scene, dx, dy)
             # Never cut by the border.
             assert not (mask[0].any() or mask[-1].any() or mask[:, 0].any() or mask[:, -1].any()), scene
             areas.setdefault((scene.shape, scene.size), []).append(int(mask.sum()))
@@ -113,7 +115,7 @@ def oracle() -> Oracle:
 
 @pytest.fixture(scope="module")
 def fresh_renders() -> tuple[torch.Tensor, list[str]]:
-    """4 renders of each of the 48 scenes, from a seed neither training nor its evaluation used."""
+    """4 renders of each of the 144 scenes, from a seed neither training nor its evaluation used."""
     scenes = [scene for scene in SCENES for _ in range(4)]
     return render_batch(scenes, np.random.default_rng(20240611)), [scene.prompt for scene in scenes]
 
@@ -256,17 +258,3 @@ def test_label_pairs_uses_the_given_annotators():
     assert (labels == 0.0).all()
     with pytest.raises(ValueError, match="not in the population"):
         label_pairs([literal], image_0, image_1, rng, user_ids=[99] * 50)
-
-
-def test_oracle_scores_feed_the_annotators(oracle):
-    scenes = SCENES[:12]
-    good = render_batch(scenes, np.random.default_rng(0))
-    prompts = [scene.prompt for scene in scenes]
-    wrong = oracle.score(
-        good, [s.with_attribute("shape", "square" if s.shape != "square" else "circle").prompt for s in scenes]
-    )
-    right = oracle.score(good, prompts)
-    literal = Annotator(user_id=1, adherence_weight=1.0, aesthetic_weight=0.0, temperature=0.02, tie_margin=0.0)
-    labels, _ = label_pairs([literal], right, wrong, np.random.default_rng(0))
-    assert (labels == 1.0).all()
-    assert parse_prompt(prompts[0]) == scenes[0]

@@ -13,7 +13,10 @@ habit: the recipe is generic, the method is chosen by config). It declares
   the encoded pairs are all it needs);
 * ``loss(step, batch)``: its loss on one micro-batch, from the per-sample
   errors the ``TrainingStep`` computes;
-* optionally ``batch_source``: which pairs make up a batch (random by default).
+* optionally ``batch_source``: which pairs make up a batch (random by default);
+* ``prepare_inputs``: the same bundle its pipeline steps make, built in one
+  call without ZenML (what benchmarks and scripts use; the pipeline runs the
+  same library functions as separate, cached steps).
 
 The trainer only ever calls these; it never asks a method its name.
 """
@@ -24,11 +27,15 @@ from typing import TYPE_CHECKING, ClassVar
 
 from pydantic import BaseModel, ConfigDict
 
-from alignment.inputs import BatchSource, RandomBatches, TrainingInputs
+from alignment.inputs import BatchSource, RandomBatches, TrainingInputs, as_training_inputs
 from alignment.losses import LossOutput
 
 if TYPE_CHECKING:
+    import pandas as pd
+
     from alignment.batching import PairBatch
+    from alignment.encoding import EncodedPairs
+    from alignment.models import DiffusionComponents
     from alignment.train import TrainingStep
     from alignment.train_config import TrainConfig
 
@@ -64,6 +71,23 @@ class PreferenceMethod:
 
     def batch_source(self, inputs: TrainingInputs) -> BatchSource:
         return RandomBatches(num_pairs=len(inputs), seed=self.config.seed)
+
+    def prepare_inputs(
+        self,
+        pairs: pd.DataFrame,
+        encoded: EncodedPairs,
+        components: DiffusionComponents,
+        parameters: dict[str, BaseModel],
+    ) -> tuple[TrainingInputs, dict]:
+        """The training bundle and a few statistics of how it was made.
+
+        Args:
+            pairs: Winner-first pairs (``alignment.data.prepare_pairs``), in the order of ``encoded``.
+            encoded: Their cached latents and prompt embeddings.
+            components: The base model (the reference, for methods that precompute with it).
+            parameters: This method's ``pipeline_parameters``, validated.
+        """
+        return as_training_inputs(encoded), {}
 
     def loss(self, step: TrainingStep, batch: PairBatch) -> LossOutput:
         raise NotImplementedError

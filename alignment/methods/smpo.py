@@ -75,6 +75,24 @@ class SmPO(PreferenceMethod):
                 f"{wanted}: was it built with other inversion settings?"
             )
 
+    def prepare_inputs(self, pairs, encoded, components, parameters) -> tuple[TrainingInputs, dict]:
+        """Score both images, smooth the labels, invert once in cached mode, bundle (the pipeline's steps)."""
+        from alignment.inversion import build_inversion_cache
+        from alignment.rewards.pairs import score_pairs
+        from alignment.smoothing import smooth_labels
+
+        scores = score_pairs(pairs, parameters["reward"])
+        labels, stats = smooth_labels(
+            scores["pair_ids"],
+            torch.tensor(scores["score_w"]),
+            torch.tensor(scores["score_l"]),
+            parameters["smoothing"],
+        )
+        cache = None
+        if self.cached:
+            cache = build_inversion_cache(components, encoded, self.options.inversion, self.config.seed)
+        return build_inputs(encoded, labels, cache), {"reward_human_agreement": scores["human_agreement"], **stats}
+
     def loss(self, step, batch) -> LossOutput:
         if self.cached:
             noisy, target, timesteps = self._cached_latents(step, batch)

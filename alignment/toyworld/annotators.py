@@ -1,9 +1,13 @@
 """Simulated annotators: a population of people with different tastes.
 
 This is the toy world's "varied human preferences". Each annotator values an
-image by a utility over the oracle's two scores::
+image by a utility over what they *perceive* in it (``perception.Perception.look``:
+the annotators' own eyes, never the oracle, which only judges)::
 
     utility = adherence_weight * adherence + aesthetic_weight * aesthetic
+
+where adherence is how surely the image looks like what the prompt asks for and
+aesthetic how clean (unblurred, noise-free) it looks, each in [0, 1],
 
 with ``adherence_weight + aesthetic_weight = 1``, so every utility is in
 [0, 1] and temperatures and tie margins mean the same for everyone.
@@ -32,11 +36,10 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 import numpy as np
 import torch
-
-from alignment.toyworld.oracle import OracleScores
 
 __all__ = [
     "TASTES",
@@ -57,16 +60,21 @@ TEMPERATURE_RANGE = (0.03, 0.3)  # log-uniform
 TIE_MARGIN_RANGE = (0.005, 0.03)  # uniform
 FIRST_USER_ID = 1
 
-# Oracle scores, or an (adherence, aesthetic) pair of tensors / arrays, each [N].
-Scores = OracleScores | tuple[torch.Tensor | np.ndarray, torch.Tensor | np.ndarray]
+
+class PerceivedScores(Protocol):
+    """Anything with per-image ``adherence`` and ``aesthetic`` (e.g. ``perception.Perceived``)."""
+
+    adherence: torch.Tensor
+    aesthetic: torch.Tensor
+
+
+# Perceived scores, or an (adherence, aesthetic) pair of tensors / arrays, each [N].
+Scores = PerceivedScores | tuple[torch.Tensor | np.ndarray, torch.Tensor | np.ndarray]
 
 
 def _adherence_aesthetic(scores: Scores) -> tuple[np.ndarray, np.ndarray]:
     """The two score arrays as float64 numpy, whatever form they came in."""
-    if isinstance(scores, OracleScores):
-        adherence, aesthetic = scores.adherence, scores.aesthetic
-    else:
-        adherence, aesthetic = scores
+    adherence, aesthetic = scores if isinstance(scores, tuple) else (scores.adherence, scores.aesthetic)
 
     def as_array(values: torch.Tensor | np.ndarray) -> np.ndarray:
         if isinstance(values, torch.Tensor):
@@ -106,10 +114,8 @@ class Annotator:
 
     def utility(self, scores: Scores) -> torch.Tensor:
         """Their utility of each image: ``adherence_weight * adherence + aesthetic_weight * aesthetic``."""
-        if isinstance(scores, OracleScores):
-            adherence, aesthetic = scores.adherence, scores.aesthetic
-        else:
-            adherence, aesthetic = (torch.as_tensor(values) for values in scores)
+        adherence, aesthetic = scores if isinstance(scores, tuple) else (scores.adherence, scores.aesthetic)
+        adherence, aesthetic = torch.as_tensor(adherence), torch.as_tensor(aesthetic)
         return self.adherence_weight * adherence + self.aesthetic_weight * aesthetic
 
 
@@ -185,13 +191,13 @@ def label_pairs(
 ) -> tuple[np.ndarray, np.ndarray]:
     """Labels many pairs, each by one annotator, in one vectorised draw.
 
-    Takes the oracle's scores rather than utilities because utility is
+    Takes perceived scores rather than utilities because utility is
     per-annotator: each pair's utilities are computed with the weights of the
     annotator who labels it.
 
     Args:
         annotators: The population.
-        scores_0: Scores of each pair's image 0 (``OracleScores`` or ``(adherence, aesthetic)``), ``[N]``.
+        scores_0: Perceived scores of each pair's image 0 (``Perceived`` or ``(adherence, aesthetic)``), ``[N]``.
         scores_1: Scores of each pair's image 1, ``[N]``.
         rng: Draws the annotators (unless given) and the labels; same seed, same labels.
         user_ids: Who labels each pair (ids from ``annotators``); None draws them uniformly.

@@ -27,7 +27,7 @@ Pipeline = StableDiffusionXLPipeline | StableDiffusionPipeline
 # headroom for alignment (see toy_base_model.json for the measured rates).
 DEFAULT_SAMPLING_STEPS = 25
 DEFAULT_GUIDANCE_SCALE = 3.0
-GUIDANCE_SWEEP = (1.5, 2.0, 3.0, 5.0)
+GUIDANCE_SWEEP = (2.0, 5.0)
 """Guidance scales whose prompt following a build records next to the default's."""
 
 
@@ -115,28 +115,29 @@ def prompt_following(
 ) -> dict[str, Any]:
     """Share of samples that show what their prompt asks, on held-out and on train prompts.
 
-    Samples ``seeds_per_prompt`` seeds for each of the 12 held-out prompts
-    and for 12 train prompts (every third of the 36, a fixed choice), and
+    Samples ``seeds_per_prompt`` seeds for each of the 48 held-out (test) prompts
+    and for 48 train prompts (a fixed, evenly spaced choice), and
     scores them with the toy oracle (``data/toyworld/oracle``, built first by ``dvc repro``).
 
     Returns:
         ``{"scorer": ..., "heldout": {"all": rate, "colour": rate, ...}, "train": {...}}``.
     """
-    train_scenes, heldout_scenes = split_scenes()
+    split = split_scenes()
+    train_scenes, heldout_scenes = split.train, split.test
     chosen_train = train_scenes[:: max(1, len(train_scenes) // len(heldout_scenes))][: len(heldout_scenes)]
     report: dict[str, Any] = {
         "seeds_per_prompt": seeds_per_prompt,
         "steps": steps,
         "guidance_scale": guidance_scale,
     }
-    for split, scenes in (("heldout", heldout_scenes), ("train", chosen_train)):
+    for name, scenes in (("heldout", heldout_scenes), ("train", chosen_train)):
         prompts = [scene.prompt for scene in scenes for _ in range(seeds_per_prompt)]
         seeds = [seed for _ in scenes for seed in range(seeds_per_prompt)]
         images = sample(model, prompts, seeds, steps=steps, guidance_scale=guidance_scale)
         correct = _score_with_oracle(images, prompts)
         report["scorer"] = "oracle"
-        report[split] = {name: float(np.mean(values)) for name, values in correct.items()}
-        report[split]["num_samples"] = len(prompts)
+        report[name] = {attribute: float(np.mean(values)) for attribute, values in correct.items()}
+        report[name]["num_samples"] = len(prompts)
     return report
 
 

@@ -40,7 +40,13 @@ from alignment.toyworld.base_measure import (
     GUIDANCE_SWEEP,
     measure_prompt_following,
 )
-from alignment.toyworld.base_training import DEFAULT_UNET_STEPS, DEFAULT_VAE_STEPS, train_toy_unet, train_toy_vae
+from alignment.toyworld.base_training import (
+    DEFAULT_TRAIN_TEXT_ENCODERS,
+    DEFAULT_UNET_STEPS,
+    DEFAULT_VAE_STEPS,
+    train_toy_unet,
+    train_toy_vae,
+)
 from alignment.toyworld.render import IMAGE_SIZE
 from alignment.toyworld.timings import stage_name, timed, write_timings
 
@@ -64,6 +70,7 @@ def build_base_model(
     seed: int = 0,
     vae_steps: int | None = None,
     unet_steps: int | None = None,
+    train_text_encoders: bool | None = None,
     caption_noise: float = 0.25,
     caption_dropout: float = 0.1,
     high_noise_share: float = 0.25,
@@ -89,6 +96,8 @@ def build_base_model(
         seed: Seed of the weights and of all training randomness.
         vae_steps: VAE optimizer steps; None for ``DEFAULT_VAE_STEPS[arch]``.
         unet_steps: UNet optimizer steps; None for ``DEFAULT_UNET_STEPS[arch]``.
+        train_text_encoders: Train the text encoders with the UNet; None for
+            ``DEFAULT_TRAIN_TEXT_ENCODERS[arch]``.
         caption_noise: Probability of a caption with one wrong attribute.
         caption_dropout: Probability of a dropped caption.
         high_noise_share: Share of UNet timesteps drawn from the high-noise end.
@@ -113,6 +122,8 @@ def build_base_model(
     out_dir = Path(out_dir)
     vae_steps = DEFAULT_VAE_STEPS[arch] if vae_steps is None else vae_steps
     unet_steps = DEFAULT_UNET_STEPS[arch] if unet_steps is None else unet_steps
+    if train_text_encoders is None:
+        train_text_encoders = DEFAULT_TRAIN_TEXT_ENCODERS[arch]
     started = time.perf_counter()
     timings: dict[str, float] = {}
     with timed(timings, "train_seconds"):
@@ -128,6 +139,7 @@ def build_base_model(
                 caption_dropout=caption_dropout,
                 high_noise_share=high_noise_share,
                 max_loss_weight=max_loss_weight,
+                train_text_encoders=train_text_encoders,
                 learning_rate=unet_learning_rate,
                 batch_size=unet_batch_size,
                 show_progress=show_progress,
@@ -156,7 +168,7 @@ def build_base_model(
             "caption_dropout": caption_dropout,
             "high_noise_share": high_noise_share,
             "max_loss_weight": max_loss_weight,
-            "text_encoders": "frozen at their seeded random init",
+            "text_encoders": "trained with the UNet" if train_text_encoders else "frozen at their seeded random init",
             **unet_metrics,
         },
         "sampling_defaults": {"scheduler": "DDIM", "steps": sampling_steps, "guidance_scale": guidance_scale},

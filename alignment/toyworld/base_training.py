@@ -26,12 +26,17 @@ from alignment.noise import noisy_latents_and_target, per_sample_mse, sample_tim
 from alignment.toyworld.render import IMAGE_SIZE, render_batch
 from alignment.toyworld.world import ATTRIBUTES, Scene, split_scenes
 
-# Training lengths of the committed models. The world must rebuild in about an hour on a
-# shared 2-core CPU (~0.6-1 s per UNet step); with the high-noise weighting the UNet follows
-# the prompt on ~3/4 of held-out samples after ~1500 steps, so these stop earlier, while the
-# base model still leaves headroom for alignment.
-DEFAULT_VAE_STEPS = {"sdxl": 400, "sd15": 300}
-DEFAULT_UNET_STEPS = {"sdxl": 1200, "sd15": 900}
+# Training lengths of the committed models: the 144-scene world (72 train scenes) needs about
+# twice the steps of the 48-scene one; they stop while the base model still leaves headroom for
+# alignment (held-out fully correct ~40-50%). The world must rebuild in about an hour on a
+# shared 2-core CPU (~0.5-1 s per UNet step).
+DEFAULT_VAE_STEPS = {"sdxl": 400, "sd15": 400}
+DEFAULT_UNET_STEPS = {"sdxl": 2400, "sd15": 2400}
+# SD1.5 has no pooled text embedding in its time conditioning, only cross-attention over the
+# token states; with the encoder frozen at its random init it reached 0% held-out fully correct
+# (900 steps, 48-scene world). Training its encoder with the UNet is how real SD learned from a
+# pretrained CLIP the toy world does not have.
+DEFAULT_TRAIN_TEXT_ENCODERS = {"sdxl": False, "sd15": True}
 
 # Micro-conditioning of every toy image: rendered at 32 px, not cropped, trained at 32 px.
 _TOY_TIME_IDS = ((IMAGE_SIZE, IMAGE_SIZE), (0, 0), (IMAGE_SIZE, IMAGE_SIZE))
@@ -116,7 +121,8 @@ def train_toy_vae(
     """
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
-    train_scenes, heldout_scenes = split_scenes()
+    split = split_scenes()
+    train_scenes, heldout_scenes = split.train, split.test
     images, _ = _render_pool(train_scenes, renders_per_scene, seed)
     heldout_images, _ = _render_pool(heldout_scenes, 8, seed + 1)
     vae = components.vae
@@ -348,7 +354,7 @@ def train_toy_unet(
         raise ValueError("caption_noise, caption_dropout and high_noise_share must be probabilities")
     if max_loss_weight < 1.0:
         raise ValueError(f"max_loss_weight must be >= 1, got {max_loss_weight}")
-    train_scenes, _ = split_scenes()
+    train_scenes = split_scenes().train
     images, pool_scenes = _render_pool(train_scenes, renders_per_scene, seed + 2)
     vae = components.vae
     latents = _posterior_means(vae, images) * vae.config.scaling_factor

@@ -10,7 +10,7 @@ drawing it nicely.
 **Adherence** (in [0, 1]) is the mean, over the four attributes (colour,
 shape, size, position), of the probability a small classifier
 (``AttributeClassifier``) gives to the value the prompt asks for. The
-classifier is trained by ``train_oracle`` on renders of all 48 scenes, a large
+classifier is trained by ``train_oracle`` on renders of all 144 scenes, a large
 share of them blurred and noised by ``render.corrupt`` so it can read the
 images a small diffusion model generates. Its measured accuracies (clean and
 corrupted renders, per attribute and all four at once) are stored next to its
@@ -71,8 +71,8 @@ CONFIG_FILE = "oracle.json"
 TRAIN_BLUR = 1.2
 TRAIN_NOISE = 0.15
 CORRUPTED_SHARE = 0.7
-# About two minutes on one CPU thread; 600 steps already reach ~99% all-four accuracy on corrupted renders.
-DEFAULT_STEPS = 800
+# About four minutes on one CPU thread (144 scenes: 6 colours and 4 positions need more steps than 48 did).
+DEFAULT_STEPS = 1200
 DEFAULT_BATCH_SIZE = 96
 
 
@@ -362,7 +362,7 @@ def train_oracle(
     eval_renders_per_scene: int = 50,
     log_every: int = 0,
 ) -> tuple[AttributeClassifier, dict[str, Any]]:
-    """Trains the oracle's attribute classifier on fresh renders of all 48 scenes.
+    """Trains the oracle's attribute classifier on fresh renders of all 144 scenes.
 
     The oracle is the ground truth, so it sees every attribute combination,
     including the ones held out from the generative model. Every batch is

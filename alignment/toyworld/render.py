@@ -9,7 +9,10 @@ The four attributes map to pixels as follows:
   of the canvas, 0.25 for small and 0.42 for large. With the +-10% size jitter
   the two ranges (0.225-0.275 vs 0.378-0.462) never meet, so small vs large is
   never ambiguous;
-- position: the shape's centre lies in the left or the right half of the canvas.
+- position: the shape's centre lies off the canvas centre towards the left,
+  right, top or bottom, at least ``MIDLINE_MARGIN`` of the canvas away along
+  that axis and at most ``CROSS_AXIS_JITTER`` of it along the other, so the
+  four positions never overlap.
 
 ``variation`` scales every random choice: 0 gives the canonical render (centre
 of its half, nominal size, exact colour, flat background), 1 the default
@@ -52,14 +55,16 @@ __all__ = [
 
 IMAGE_SIZE = 32
 
-# Far apart in RGB and each far from the background, so colour is unambiguous
-# even after blur and noise. Yellow is the closest to the grey background
-# (distance ~0.7 in [0, 1] units) and still clearly visible.
+# Far apart in RGB (closest pair: cyan and blue, ~115 of 255) and each far from the
+# background, so colour is unambiguous even after blur and noise. Yellow is the
+# closest to the grey background (distance ~0.7 in [0, 1] units) and still clearly visible.
 COLOUR_RGB: dict[str, tuple[int, int, int]] = {
     "red": (220, 40, 40),
     "green": (40, 160, 60),
     "blue": (40, 80, 220),
     "yellow": (240, 210, 30),
+    "purple": (150, 50, 190),
+    "cyan": (30, 190, 200),
 }
 BACKGROUND_RGB: tuple[int, int, int] = (210, 210, 210)
 
@@ -68,13 +73,14 @@ SIZE_EXTENT: dict[str, float] = {"small": 0.25, "large": 0.42}
 
 # Jitter amplitudes at variation=1.
 SIZE_JITTER = 0.10  # relative, uniform in +-10%
-HORIZONTAL_JITTER = 0.17  # of the canvas, uniform around the centre of the half
+AXIS_JITTER = 0.17  # of the canvas, uniform around the centre of the half, along the position's axis
+CROSS_AXIS_JITTER = 0.04  # of the canvas, uniform around the midline, across it
 COLOUR_JITTER = 12.0  # per channel, uniform in +-12 (0-255 scale)
 BACKGROUND_NOISE_STD = 3.0  # per pixel and channel (0-255 scale)
 
 # The shape keeps this many pixels clear of the canvas border, and its centre
-# keeps this fraction of the canvas clear of the vertical midline, so "left"
-# and "right" stay readable even for a large shape.
+# keeps this fraction of the canvas clear of the midline across its position's
+# axis (twice the cross-axis jitter), so "left" and "top" stay distinct even for a large shape.
 BORDER_MARGIN_PX = 1.0
 MIDLINE_MARGIN = 0.08
 
@@ -96,20 +102,23 @@ def _shape_centre_and_extent(
     if jitter:
         extent *= 1.0 + jitter * SIZE_JITTER * rng.uniform(-1.0, 1.0)
     half_width = extent * _WIDTH_PER_EXTENT[scene.shape] / 2.0
+    horizontal = scene.position in ("left", "right")
+    # Half the shape's size along the position's axis: its width for left/right, its height for top/bottom.
+    half_along = half_width if horizontal else extent / 2.0
 
     half = size / 2.0
-    quarter = size / 4.0
-    centre_x = quarter
-    centre_y = half
+    along = size / 4.0  # distance from the near border, along the position's axis
+    across = 0.0  # offset from the midline, across it
     if jitter:
-        centre_x += jitter * HORIZONTAL_JITTER * size * rng.uniform(-1.0, 1.0)
-        vertical_room = max(0.0, half - extent / 2.0 - BORDER_MARGIN_PX)
-        centre_y += jitter * vertical_room * rng.uniform(-1.0, 1.0)
+        along += jitter * AXIS_JITTER * size * rng.uniform(-1.0, 1.0)
+        across = jitter * CROSS_AXIS_JITTER * size * rng.uniform(-1.0, 1.0)
     # Keep the whole shape inside the canvas and its centre off the midline.
-    centre_x = float(np.clip(centre_x, half_width + BORDER_MARGIN_PX, half - MIDLINE_MARGIN * size))
-    if scene.position == "right":
-        centre_x = size - centre_x
-    return centre_x, centre_y, extent
+    along = float(np.clip(along, half_along + BORDER_MARGIN_PX, half - MIDLINE_MARGIN * size))
+    if scene.position in ("right", "bottom"):
+        along = size - along
+    if horizontal:
+        return along, half + across, extent
+    return half + across, along, extent
 
 
 @functools.lru_cache(maxsize=8)
@@ -205,7 +214,9 @@ def _gaussian_kernels(sigmas: torch.Tensor, radius: int) -> torch.Tensor:
     return kernels / kernels.sum(dim=1, keepdim=True)
 
 
-def corrupt(images: torch.Tensor, rng: torch.Generator, *, blur: float, noise: float) -> torch.Tensor:
+def corrupt(
+    images: torch.Tensor, rng: torch.Generator, *, blur: float, noise: float, return_strengths: bool = False
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Blurs and noises images the way a small generative model's samples are degraded.
 
     Each image draws its own blur sigma uniformly in [0, blur] pixels and its
@@ -218,14 +229,18 @@ def corrupt(images: torch.Tensor, rng: torch.Generator, *, blur: float, noise: f
         rng: Torch generator for the per-image strengths and the noise (CPU).
         blur: Largest gaussian blur sigma, in pixels.
         noise: Largest gaussian pixel-noise std.
+        return_strengths: Also return each image's blur sigma and noise std ``[N]``
+            (zeros where the corresponding maximum is 0).
 
     Returns:
-        The corrupted images, same shape and dtype, clamped to [-1, 1].
+        The corrupted images, same shape and dtype, clamped to [-1, 1]
+        (and the strengths, if asked).
     """
     if blur < 0 or noise < 0:
         raise ValueError(f"blur and noise must be >= 0, got blur={blur}, noise={noise}")
     count, channels, height, width = images.shape
     work = images.detach().float().cpu()
+    sigmas = stds = torch.zeros(count)
     if blur > 0:
         sigmas = torch.rand(count, generator=rng) * blur
         # Reflect padding needs the radius below the image side.
@@ -241,4 +256,5 @@ def corrupt(images: torch.Tensor, rng: torch.Generator, *, blur: float, noise: f
     if noise > 0:
         stds = torch.rand(count, generator=rng) * noise
         work = work + stds[:, None, None, None] * torch.randn(work.shape, generator=rng)
-    return work.clamp(-1.0, 1.0).to(device=images.device, dtype=images.dtype)
+    corrupted = work.clamp(-1.0, 1.0).to(device=images.device, dtype=images.dtype)
+    return (corrupted, sigmas, stds) if return_strengths else corrupted

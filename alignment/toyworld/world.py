@@ -1,9 +1,11 @@
-"""The toy world's vocabulary: scenes, prompts, and the train / held-out split.
+"""The toy world's vocabulary: scenes, prompts, and the train / validation / test split.
 
-A scene is one shape described by four attributes. Prompts are generated from
-scenes, so every prompt has a known ground truth. Held-out prompts are
-attribute *combinations* never seen in training (each single attribute value
-is seen), which is what "generalises to unseen prompts" means here.
+A scene is one shape described by four attributes: 6 colours x 3 shapes x 2
+sizes x 4 positions = 144 scenes. Prompts are generated from scenes, so every
+prompt has a known ground truth. Validation and test prompts are attribute
+*combinations* never seen in training (each single attribute value is seen),
+which is what "generalises to unseen prompts" means here. Methods are tuned on
+the 24 validation prompts and reported on the 48 test ("held-out") prompts.
 """
 
 from __future__ import annotations
@@ -11,13 +13,14 @@ from __future__ import annotations
 import itertools
 import re
 from dataclasses import asdict, dataclass
+from typing import NamedTuple
 
 import numpy as np
 
-COLOURS: tuple[str, ...] = ("red", "green", "blue", "yellow")
+COLOURS: tuple[str, ...] = ("red", "green", "blue", "yellow", "purple", "cyan")
 SHAPES: tuple[str, ...] = ("circle", "square", "triangle")
 SIZES: tuple[str, ...] = ("small", "large")
-POSITIONS: tuple[str, ...] = ("left", "right")
+POSITIONS: tuple[str, ...] = ("left", "right", "top", "bottom")
 ATTRIBUTES: dict[str, tuple[str, ...]] = {
     "colour": COLOURS,
     "shape": SHAPES,
@@ -60,31 +63,50 @@ def parse_prompt(prompt: str) -> Scene:
     """The scene a toy prompt describes; ValueError naming the prompt otherwise."""
     match = _PROMPT.match(prompt.strip())
     if match is None:
-        raise ValueError(f"{prompt!r} is not a toy-world prompt (expected 'a <size> <colour> <shape> on the <position>')")
+        raise ValueError(
+            f"{prompt!r} is not a toy-world prompt (expected 'a <size> <colour> <shape> on the <position>')"
+        )
     return Scene(**match.groupdict())
 
 
 def all_scenes() -> list[Scene]:
-    """All 4 x 3 x 2 x 2 = 48 attribute combinations, in a fixed order."""
+    """All 6 x 3 x 2 x 4 = 144 attribute combinations, in a fixed order."""
     return [Scene(*values) for values in itertools.product(COLOURS, SHAPES, SIZES, POSITIONS)]
 
 
-def split_scenes(heldout_fraction: float = 0.25, seed: int = 0) -> tuple[list[Scene], list[Scene]]:
-    """Train and held-out scenes; every attribute value occurs among the train scenes.
+TEST_SCENES = 48
+VALIDATION_SCENES = 24
 
-    Held-out scenes are unseen *combinations*: a model that only memorised the
-    training prompts cannot score well on them.
+
+class SceneSplit(NamedTuple):
+    """Disjoint scene sets: training data is drawn from ``train`` only."""
+
+    train: list[Scene]
+    validation: list[Scene]
+    test: list[Scene]
+
+    @property
+    def heldout(self) -> list[Scene]:
+        """The test scenes: what results are reported on."""
+        return self.test
+
+
+def split_scenes(seed: int = 0) -> SceneSplit:
+    """Train, validation and test scenes; every attribute value occurs among the train scenes.
+
+    Validation and test scenes are unseen *combinations*: a model that only
+    memorised the training prompts cannot score well on them. 48 test scenes
+    let a bootstrap over prompts reach a CI half-width near 0.05 on a win rate.
     """
     scenes = all_scenes()
     rng = np.random.default_rng(seed)
-    count = round(len(scenes) * heldout_fraction)
+    heldout = TEST_SCENES + VALIDATION_SCENES
     for _ in range(1000):
         order = rng.permutation(len(scenes))
-        heldout = sorted(scenes[i] for i in order[:count])
-        train = sorted(scenes[i] for i in order[count:])
-        covered = all(
-            {getattr(s, name) for s in train} == set(values) for name, values in ATTRIBUTES.items()
-        )
+        test = sorted(scenes[i] for i in order[:TEST_SCENES])
+        validation = sorted(scenes[i] for i in order[TEST_SCENES:heldout])
+        train = sorted(scenes[i] for i in order[heldout:])
+        covered = all({getattr(s, name) for s in train} == set(values) for name, values in ATTRIBUTES.items())
         if covered:
-            return train, heldout
+            return SceneSplit(train, validation, test)
     raise RuntimeError("could not split the toy scenes so that training covers every attribute value")
