@@ -2,7 +2,7 @@
 
 Trains each method on the toy preference pairs with the toy profile's
 settings (the same code path as ``python run.py --pipeline <m>_sdxl --profile
-toy``, without ZenML's overhead), then samples the 12 held-out prompts with
+toy``, without ZenML's overhead), then samples the 48 held-out test prompts with
 fixed seeds from the base and the aligned model and scores both with the
 oracle. Prints a table and writes it to ``benchmarks/results/``.
 
