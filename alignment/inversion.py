@@ -80,7 +80,7 @@ class InversionConfig(BaseModel):
         ge=1,
         description="cached mode: timesteps inverted per pair; each visit of a pair draws one of them. "
         "With 1, every epoch sees a pair at the same noise level (measured on the toy world: worse than the base "
-        "model); more restores some of online mode's noise-level diversity at K x the cache size and inversion time",
+        "model); more restores some of online mode's noise-level diversity at K x the cache size; each image is inverted once along one trajectory, so inversion costs about the same for any K",
     )
 
     @model_validator(mode="after")
@@ -191,8 +191,10 @@ def _inverse_step_alphas(scheduler: DDIMInverseScheduler, grid_timestep: int) ->
 def _check_batch(x0: Tensor, timesteps: Tensor, num_train_timesteps: int) -> None:
     if x0.ndim < 2:
         raise ValueError(f"x0 must be batched [B, ...], got shape {tuple(x0.shape)}")
-    if timesteps.ndim != 1 or timesteps.shape[0] != x0.shape[0]:
-        raise ValueError(f"t must be 1-D with one timestep per sample ({x0.shape[0]}), got {tuple(timesteps.shape)}")
+    if timesteps.ndim not in (1, 2) or timesteps.shape[0] != x0.shape[0]:
+        raise ValueError(
+            f"t must be [B] (or [B, K]) with one row per sample ({x0.shape[0]}), got {tuple(timesteps.shape)}"
+        )
     if timesteps.is_floating_point():
         raise ValueError(f"t must be integer timesteps, got dtype {timesteps.dtype}")
     if timesteps.numel() and (int(timesteps.min()) < 0 or int(timesteps.max()) >= num_train_timesteps):
@@ -219,7 +221,11 @@ def invert(
     For each grid point ``t_k`` in ascending order (k from 0), every sample whose step
     count (:func:`inversion_step_counts`) exceeds ``k`` moves from level
     ``t_k - spacing`` to ``t_k``; the others keep their latent (the whole batch
-    is evaluated together, their update is masked out). One step is::
+    is evaluated together, their update is masked out). With ``t`` of shape
+    ``[B, K]`` each sample walks the grid once, to its largest count, and its K
+    latents are read off that one trajectory where their counts end: the same
+    latents as K separate inversions (with ``eta > 0``, K points of one
+    stochastic trajectory) at the cost of one. One step is::
 
         eps = unet_fn(z, t_k);  z' = Inv(z, eps)
         repeat renoise_iterations times:
@@ -231,7 +237,8 @@ def invert(
         unet_fn: Noise prediction of the model to invert with (the policy
             online, the reference for a cache), conditioned by the caller.
         x0: Clean latents [B, C, h, w] (times the VAE scaling factor).
-        t: Sampled timesteps, int [B]; winners and losers of a pair share one.
+        t: Sampled timesteps, int [B] (or [B, K]: K timesteps per sample);
+            winners and losers of a pair share them.
         scheduler_config: The model's noise scheduler config.
         config: Grid, ReNoise iterations, eta and minimum step count.
         generator: Seeds the eta noise (unused when ``config.eta == 0``).
@@ -239,16 +246,20 @@ def invert(
     Returns:
         ``(x_t, tau)``: the inverted latents in ``x0``'s dtype and the target
         noise ``(x_t - sqrt(abar_t) x0) / sqrt(1 - abar_t)`` at the sampled
-        ``t``, in float32.
+        ``t``, in float32; ``[B, ...]``, or ``[B, K, ...]`` for ``t`` of shape ``[B, K]``.
     """
     scheduler = _inverse_scheduler(scheduler_config, config.grid_steps)
     _check_batch(x0, t, scheduler.config.num_train_timesteps)
     grid = scheduler.timesteps.to(torch.int64)
-    step_counts = inversion_step_counts(grid, t, config.min_steps)
+    slot_t = t if t.ndim == 2 else t[:, None]  # [B, K]
+    slot_counts = inversion_step_counts(grid, slot_t.reshape(-1), config.min_steps).reshape(slot_t.shape)
+    step_counts = slot_counts.max(dim=1).values  # each sample walks to its largest count
 
     # The running latent is float32 whatever the model's dtype: ten chained bf16 steps drift visibly.
     start = x0.float()
     z = start.clone()
+    # The latent of every (sample, slot) once its count is reached; count 0 stays at x0.
+    states = start[:, None].repeat(1, slot_t.shape[1], *([1] * (start.ndim - 1)))
 
     def predict(latents: Tensor, timesteps: Tensor) -> Tensor:
         return unet_fn(latents.to(x0.dtype), timesteps).float()
@@ -274,10 +285,15 @@ def invert(
             ).to(z.device)
             stepped = stepped + config.eta * _ddim_step_variance(scheduler, grid_t).sqrt() * noise
         z = torch.where(_per_sample(moving.to(z.device), z), stepped, z)
+        samples, slots = (slot_counts == k + 1).nonzero(as_tuple=True)
+        states[samples.to(z.device), slots.to(z.device)] = z[samples.to(z.device)]
 
-    abar_t = _per_sample(scheduler.alphas_cumprod.to(z.device)[t.to(z.device)], z)
-    target = (z - abar_t.sqrt() * start) / (1 - abar_t).sqrt()
-    return z.to(x0.dtype), target
+    abar_t = scheduler.alphas_cumprod.to(z.device)[slot_t.to(z.device)]  # [B, K]
+    abar_t = abar_t.reshape(*abar_t.shape, *([1] * (start.ndim - 1)))
+    target = (states - abar_t.sqrt() * start[:, None]) / (1 - abar_t).sqrt()
+    if t.ndim == 1:
+        states, target = states[:, 0], target[:, 0]
+    return states.to(x0.dtype), target
 
 
 @torch.no_grad()
@@ -399,7 +415,9 @@ def invert_dataset(
             ``latents``), returns the ``unet_fn`` conditioned on those rows'
             prompts (and SDXL time ids).
         latents: Clean latents [N, C, h, w].
-        timesteps: int [N] timestep of each row (share one within a pair).
+        timesteps: int [N] timestep of each row (share one within a pair), or
+            int [K, N]: K timesteps per row, inverted along one trajectory per
+            row; the cache then holds K blocks of N rows, block k at ``timesteps[k]``.
         scheduler_config: The model's noise scheduler config.
         config: Inversion settings.
         batch_size: Rows per inversion batch.
@@ -412,29 +430,36 @@ def invert_dataset(
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    if timesteps.shape != (latents.shape[0],):
-        raise ValueError(f"timesteps must be [N={latents.shape[0]}], got {tuple(timesteps.shape)}")
+    if timesteps.shape[-1:] != (latents.shape[0],) or timesteps.ndim > 2:
+        raise ValueError(f"timesteps must be [N={latents.shape[0]}] or [K, N], got {tuple(timesteps.shape)}")
+    slot_timesteps = timesteps if timesteps.ndim == 2 else timesteps[None]  # [K, N]
     rows = latents.shape[0]
     inverted, targets = [], []
     with tqdm(total=rows, desc="inverting latents", unit="img", disable=not show_progress) as bar:
         for start in range(0, rows, batch_size):
             indices = torch.arange(start, min(start + batch_size, rows), dtype=torch.int64)
             x0 = latents[indices]
-            t = timesteps[indices].to(torch.int64)
+            t = slot_timesteps[:, indices].T.to(torch.int64)  # [B, K]
             if device is not None:
                 x0, t = x0.to(device), t.to(device)
             x_t, target = invert(unet_fn_factory(indices), x0, t, scheduler_config, config, generator=generator)
-            inverted.append(x_t.cpu())
+            inverted.append(x_t.cpu())  # [B, K, ...]
             targets.append(target.cpu())
             bar.update(len(indices))
+
+    def in_blocks(per_row: list[Tensor]) -> Tensor:
+        """[N, K, ...] -> K blocks of N rows."""
+        stacked = torch.cat(per_row)
+        return stacked.transpose(0, 1).reshape(-1, *stacked.shape[2:])
+
     metadata = {
         "inversion": config.model_dump(mode="json"),
         "grid": inversion_grid(scheduler_config, config.grid_steps).tolist(),
     }
     return InversionCache(
-        x_t=torch.cat(inverted),
-        timesteps=timesteps.to(torch.int64).cpu(),
-        target=torch.cat(targets),
+        x_t=in_blocks(inverted),
+        timesteps=slot_timesteps.reshape(-1).to(torch.int64).cpu(),
+        target=in_blocks(targets),
         metadata=metadata,
     )
 
@@ -476,11 +501,12 @@ def build_inversion_cache(
     generator = torch.Generator().manual_seed(derived_seed(seed, 0, stream=5))
     # Shape (K, N): with K = 1 the same draw as a single timestep per pair.
     pair_t = torch.randint(0, components.noise_scheduler.config.num_train_timesteps, (slots, n), generator=generator)
-    latents = torch.cat([encoded.latents_w, encoded.latents_l] * slots).to(device=device, dtype=dtype)
-    pair_of_row = torch.arange(n).repeat(2 * slots)
+    # Each image is inverted once, along one trajectory that serves its K timesteps.
+    latents = torch.cat([encoded.latents_w, encoded.latents_l]).to(device=device, dtype=dtype)
+    pair_of_row = torch.arange(n).repeat(2)
     time_ids = None
     if encoded.time_ids_w is not None:
-        time_ids = torch.cat([encoded.time_ids_w, encoded.time_ids_l] * slots)
+        time_ids = torch.cat([encoded.time_ids_w, encoded.time_ids_l])
 
     def conditioned_on(rows: Tensor) -> UnetFn:
         prompt_rows = encoded.prompt_index[pair_of_row[rows]]
@@ -499,7 +525,7 @@ def build_inversion_cache(
         cache = invert_dataset(
             conditioned_on,
             latents,
-            torch.cat([torch.cat([block, block]) for block in pair_t]),
+            torch.cat([pair_t, pair_t], dim=1),  # [K, 2N]: winner and loser share their pair's timesteps
             components.noise_scheduler.config,
             inversion,
             batch_size,

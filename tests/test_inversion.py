@@ -338,3 +338,38 @@ def test_cache_rejects_mismatched_rows():
         InversionCache(
             x_t=torch.zeros(3, 4, 2, 2), timesteps=torch.zeros(2, dtype=torch.int64), target=torch.zeros(3, 4, 2, 2)
         )
+
+
+@pytest.mark.parametrize("min_steps", [0, 1])
+def test_k_timesteps_on_one_trajectory_equal_k_separate_inversions(sd_schedule, min_steps):
+    latents = random_latents(3)
+    # Per sample: a low t (below the grid for min_steps 0), a middle one, a repeat, and the top.
+    timesteps = torch.tensor([[0, 420, 420, 999], [150, 10, 999, 620], [870, 871, 5, 300]])
+    config = InversionConfig(grid_steps=10, renoise_iterations=1, min_steps=min_steps)
+    x_t, target = invert(latent_dependent_eps, latents, timesteps, sd_schedule.config, config)
+    assert x_t.shape == (3, 4, *LATENT_SHAPE) and target.shape == x_t.shape
+    for slot in range(timesteps.shape[1]):
+        alone_x_t, alone_target = invert(latent_dependent_eps, latents, timesteps[:, slot], sd_schedule.config, config)
+        torch.testing.assert_close(x_t[:, slot], alone_x_t, rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(target[:, slot], alone_target, rtol=1e-5, atol=1e-5)
+
+
+def test_invert_dataset_with_k_timesteps_writes_k_blocks_and_walks_each_image_once(sd_schedule):
+    latents = random_latents(5)
+    timesteps = torch.tensor([[10, 999, 420, 420, 0], [500, 20, 998, 3, 640]])  # [K, N]
+    config = InversionConfig(grid_steps=10, renoise_iterations=1)
+    evaluated = []
+
+    def counting_eps(z, t):
+        evaluated.append(z.shape[0])
+        return latent_dependent_eps(z, t)
+
+    cache = invert_dataset(
+        lambda rows: counting_eps, latents, timesteps, sd_schedule.config, config, batch_size=5, show_progress=False
+    )
+    assert len(cache) == 10 and cache.timesteps.tolist() == timesteps.reshape(-1).tolist()
+    for block in range(2):
+        expected_x_t, _ = invert(latent_dependent_eps, latents, timesteps[block], sd_schedule.config, config)
+        torch.testing.assert_close(cache.x_t[5 * block : 5 * block + 5], expected_x_t, rtol=1e-6, atol=1e-6)
+    # One walk up the whole grid (10 points x 2 predictions) for all 5 images and both timesteps.
+    assert sum(evaluated) == 5 * 10 * 2
