@@ -36,17 +36,12 @@ sys.path.insert(0, str(REPO_ROOT))
 from alignment.config import (  # noqa: E402
     DataConfig,
     EncodeConfig,
-    EvalConfig,
-    RewardConfig,  # noqa: E402
+    EvalConfig,  # noqa: E402
 )
 from alignment.data import load_preference_frame, prepare_pairs  # noqa: E402
 from alignment.encoding import encode_pairs  # noqa: E402
 from alignment.evaluate import evaluate_config  # noqa: E402
-from alignment.inversion import build_inversion_cache  # noqa: E402
-from alignment.methods import smpo  # noqa: E402
 from alignment.models import ModelSpec, load_components  # noqa: E402
-from alignment.rewards.pairs import score_pairs  # noqa: E402
-from alignment.smoothing import SmoothingConfig, smooth_labels  # noqa: E402
 from alignment.train import save_trained_weights, train_alignment  # noqa: E402
 from alignment.train_config import TrainConfig  # noqa: E402
 from pipelines.configuration import resolve_config  # noqa: E402
@@ -67,31 +62,18 @@ def profile_parameters(method: str, overrides: list[str]) -> dict:
     return config["parameters"]
 
 
-def smpo_labels(pairs, params: dict) -> tuple[dict, dict]:
-    """Soft labels from the toy reward model, as score_rewards -> smooth_preferences compute them."""
-    scores = score_pairs(pairs, RewardConfig(**params["reward"]))
-    labels, stats = smooth_labels(
-        scores["pair_ids"],
-        torch.tensor(scores["score_w"]),
-        torch.tensor(scores["score_l"]),
-        SmoothingConfig(**params["smoothing"]),
-    )
-    return labels, {"human_agreement": scores["human_agreement"], **stats}
-
-
-def run_method(
-    method: str, params: dict, encoded, steps: int | None, workdir: Path, labels: dict | None = None
-) -> dict:
+def run_method(method: str, params: dict, pairs, encoded, steps: int | None, workdir: Path) -> dict:
     model = ModelSpec(**params["model"])
     training = TrainConfig(**{**params["training"], **({"max_train_steps": steps} if steps else {})})
     evaluation = EvalConfig(**params["evaluation"])
     components = load_components(model)
-    inversion_cache, inversion_seconds = None, 0.0
-    if method == "smpo_cached":
-        started = time.perf_counter()
-        inversion_cache = build_inversion_cache(components, encoded, training.options.inversion, training.seed)
-        inversion_seconds = time.perf_counter() - started
-    inputs = smpo.build_inputs(encoded, labels, inversion_cache) if labels is not None else encoded
+    plugin = training.method_class(training)
+    extra = {name: model_type(**params[name]) for name, model_type in plugin.pipeline_parameters.items()}
+    started = time.perf_counter()
+    inputs, preparation = plugin.prepare_inputs(pairs, encoded, components, extra)
+    preparation_seconds = time.perf_counter() - started
+    if preparation:
+        print(f"{method} inputs: {json.dumps(preparation)}", flush=True)
     started = time.perf_counter()
     result = train_alignment(components, inputs, training, checkpoint_dir=workdir / f"{method}-checkpoints")
     train_seconds = time.perf_counter() - started
@@ -101,13 +83,14 @@ def run_method(
     return {
         "method": method,
         "steps": result.final_step,
-        "beta": training.beta if method != "sft" else None,
-        "smpo_gamma": training.options.gamma if method.startswith("smpo") else None,
+        "beta": training.beta if plugin.uses_reference else None,
         "learning_rate": training.learning_rate,
         "pairs_per_step": training.train_batch_size * training.gradient_accumulation_steps,
         "train_seconds": round(train_seconds, 1),
         "seconds_per_step": round(train_seconds / max(result.final_step, 1), 3),
-        "inversion_seconds": round(inversion_seconds, 1),
+        # One-off work before training (SmPO: reward scoring, and the inversion in cached mode).
+        "inversion_seconds": round(preparation_seconds, 1),
+        "preparation": preparation,
         **report.to_dict(),
         **report.extra,
         "final_metrics": {k: v for k, v in result.history[-1].items() if k != "step"},
@@ -138,7 +121,7 @@ def format_table(rows: list[dict]) -> str:
     for r in rows:
         low, high = r["win_rate_ci95"]
         ratio = f"{r['seconds_per_step'] / dpo['seconds_per_step']:.2f}x" if dpo else "–"
-        inversion = f" (+{r['inversion_seconds']:.0f} s inversion)" if r.get("inversion_seconds") else ""
+        inversion = f" (+{r['inversion_seconds']:.0f} s one-off preparation)" if r.get("inversion_seconds", 0) >= 1 else ""
         lines.append(
             f"| {r['method']} | {r['steps']} | {r['beta'] if r['beta'] else '–'} | "
             f"{r['train_seconds']:.0f} s{inversion} | "
@@ -174,24 +157,17 @@ def main() -> None:
     model = ModelSpec(**params["model"])
     encoded = encode_pairs(pairs, load_components(model), resolution=model.resolution, batch_size=encoding.batch_size)
 
-    labels, smoothing_stats = None, None
-    if any(method.startswith("smpo") for method in args.methods):
-        labels, smoothing_stats = smpo_labels(pairs, profile_parameters("smpo_online", args.overrides))
-        print(f"soft labels: {json.dumps(smoothing_stats)}", flush=True)
-
     rows = []
     with tempfile.TemporaryDirectory(prefix="toy-benchmark-") as tmp:
         for method in args.methods:
             method_params = profile_parameters(method, args.overrides)
-            method_labels = labels if method.startswith("smpo") else None
-            rows.append(run_method(method, method_params, encoded, args.steps, Path(tmp), method_labels))
+            rows.append(run_method(method, method_params, pairs, encoded, args.steps, Path(tmp)))
             print(format_table(rows[-1:]), flush=True)
 
     table = format_table(rows)
     print(table)
     payload = {
         "data": {"path": data.path, **stats},
-        "smoothing": smoothing_stats,
         "machine": machine(),
         "results": rows,
     }
