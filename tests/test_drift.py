@@ -347,7 +347,7 @@ def test_pipeline_reports_drift_against_base_then_against_production(tmp_path):
     first = run_once()
     version = Client().get_model_version("sft_sdxl", first.model_version.number)
     summary = version.get_artifact("drift_summary").load()
-    assert summary["reference"] == "base model" and summary["samples"] == 12
+    assert summary["reference"] == "base model" and summary["samples"] == 48  # the tiny profile: 48 held-out prompts x 1 seed
     assert version.run_metadata["drift"]["reference"] == "base model"
     assert version.get_artifact("drift_summary").run_metadata["reward_mean_delta"] == pytest.approx(
         summary["reward_mean_delta"]
@@ -355,7 +355,7 @@ def test_pipeline_reports_drift_against_base_then_against_production(tmp_path):
     page = str(version.get_artifact("drift_report").load())
     assert 'id="per-prompt-deltas"' in page and "because model &#x27;sft_sdxl&#x27; has no production" in page
     samples = version.get_artifact("eval_samples").load()
-    assert len(samples) == 24 and set(samples["model"]) == {BASE_LABEL, ALIGNED_LABEL}
+    assert len(samples) == 96 and set(samples["model"]) == {BASE_LABEL, ALIGNED_LABEL}
 
     version.set_stage("production")
     second = run_once()

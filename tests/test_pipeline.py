@@ -66,7 +66,7 @@ def test_first_run_executes_every_step_and_links_artifacts_to_the_model(two_runs
     assert version.get_artifact("training_metrics") is not None
     assert linked
     report = version.get_artifact("eval_report").load()
-    assert report["samples"] == 12 and report["scorer"] == "toy_oracle"
+    assert report["samples"] == 48 and report["scorer"] == "toy_oracle"
     assert 0.0 <= report["win_rate_ci95"][0] <= report["win_rate_vs_base"] <= report["win_rate_ci95"][1] <= 1.0
     assert "all_correct_rate_base" in report["extra"]
     grid = version.get_artifact("sample_grid").load()

@@ -79,7 +79,7 @@ def test_smpo_toy_run_registers_labels_weights_and_report(smpo_toy_run):
     assert metrics["summary"]["final_step"] == 3
     assert metrics["config"]["method"] == "smpo"
     report = version.get_artifact("eval_report").load()
-    assert report["scorer"] == "toy_oracle" and report["samples"] == 12
+    assert report["scorer"] == "toy_oracle" and report["samples"] == 48
     assert 0.0 <= report["win_rate_ci95"][0] <= report["win_rate_vs_base"] <= report["win_rate_ci95"][1] <= 1.0
 
 

@@ -129,7 +129,7 @@ def test_tracked_steps_write_offline_wandb_runs_with_losses_and_evaluation(tmp_p
     report = pipeline_run.steps["evaluate_alignment"].outputs["eval_report"][0].load()
     assert item["eval/win_rate_vs_base"] == pytest.approx(report["win_rate_vs_base"])
     assert item["eval/win_rate_ci95_low"] == pytest.approx(report["win_rate_ci95"][0])
-    assert item["eval/samples"] == report["samples"] == 12
+    assert item["eval/samples"] == report["samples"] == 48
     # The inspector flattens the image's record to dotted keys.
     assert item["eval/sample_grid._type"] == "image-file"
     grid = pipeline_run.steps["evaluate_alignment"].outputs["sample_grid"][0].load()
