@@ -142,18 +142,7 @@ def _toy_unet(arch: Arch) -> UNet2DConditionModel:
         "use_linear_projection": True,
     }
     if arch == "sd15":
-        # Real SD1.5 conditions on text through cross-attention only. At toy size that learns colour,
-        # shape and size but leaves position at chance (4-position world: 21% after 2400 steps with the
-        # text encoder trained): position is a global layout decision made at high noise, where the
-        # queries are noise. An attention-pooled text embedding added to the time embedding
-        # (diffusers' addition_embed_type="text", computed from the same encoder states, so the stock
-        # StableDiffusionPipeline and every SD1.5 code path work unchanged) gives it SDXL's global route.
-        return UNet2DConditionModel(
-            **common,
-            cross_attention_dim=_TEXT_HIDDEN_SIZE,
-            addition_embed_type="text",
-            addition_embed_type_num_heads=4,
-        )
+        return UNet2DConditionModel(**common, cross_attention_dim=_TEXT_HIDDEN_SIZE)
     return UNet2DConditionModel(
         **common,
         # Penultimate hidden states of both encoders are concatenated on the feature axis.
