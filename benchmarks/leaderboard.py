@@ -53,6 +53,9 @@ import yaml
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
+# Our own one line per cell, not the libraries' warnings (set before they are imported).
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
 
 from alignment.config import DataConfig, EncodeConfig, EvalConfig  # noqa: E402
 from alignment.data import load_preference_frame, prepare_pairs  # noqa: E402
@@ -337,7 +340,12 @@ def run_cell(cell: Cell, data: Data) -> dict:
             paused += time.perf_counter() - began
 
         result = train_alignment(
-            components, inputs, training, checkpoint_dir=Path(tmp) / "checkpoints", on_step_end=snapshot
+            components,
+            inputs,
+            training,
+            checkpoint_dir=Path(tmp) / "checkpoints",
+            on_step_end=snapshot,
+            show_progress=sys.stderr.isatty(),
         )
         total_seconds = time.perf_counter() - started - paused
         train_seconds = total_seconds - preparation_seconds

@@ -48,7 +48,7 @@ from torch import nn
 
 from alignment.toyworld.render import IMAGE_SIZE, corrupt, render_batch, to_tensor
 from alignment.toyworld.timings import stage_name, timed, write_timings
-from alignment.toyworld.world import ATTRIBUTES, Scene, all_scenes, parse_prompt
+from alignment.toyworld.world import ATTRIBUTES, Scene, all_scenes, attribute_indices, parse_prompt
 
 __all__ = [
     "DEFAULT_ORACLE_DIR",
@@ -226,10 +226,7 @@ def _prompt_targets(prompts: Sequence[str]) -> dict[str, torch.Tensor]:
 
 
 def _scene_targets(scenes: Sequence[Scene]) -> dict[str, torch.Tensor]:
-    return {
-        name: torch.tensor([values.index(getattr(scene, name)) for scene in scenes], dtype=torch.long)
-        for name, values in ATTRIBUTES.items()
-    }
+    return {name: torch.from_numpy(indices) for name, indices in attribute_indices(list(scenes)).items()}
 
 
 class Oracle:

@@ -69,6 +69,14 @@ def parse_prompt(prompt: str) -> Scene:
     return Scene(**match.groupdict())
 
 
+def attribute_indices(scenes: list[Scene] | tuple[Scene, ...]) -> dict[str, np.ndarray]:
+    """Per attribute, the index of each scene's value in ``ATTRIBUTES`` (int64 ``[N]``): classifier targets."""
+    return {
+        name: np.array([values.index(getattr(scene, name)) for scene in scenes], dtype=np.int64)
+        for name, values in ATTRIBUTES.items()
+    }
+
+
 def all_scenes() -> list[Scene]:
     """All 6 x 3 x 2 x 4 = 144 attribute combinations, in a fixed order."""
     return [Scene(*values) for values in itertools.product(COLOURS, SHAPES, SIZES, POSITIONS)]
