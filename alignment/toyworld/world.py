@@ -93,11 +93,6 @@ class SceneSplit(NamedTuple):
     validation: list[Scene]
     test: list[Scene]
 
-    @property
-    def heldout(self) -> list[Scene]:
-        """The test scenes: what results are reported on."""
-        return self.test
-
 
 def split_scenes(seed: int = 0) -> SceneSplit:
     """Train, validation and test scenes; every attribute value occurs among the train scenes.
