@@ -313,7 +313,7 @@ def run_cell(cell: Cell, data: Data) -> dict:
     pairs, encoded = data.for_arch(cell.arch, params)
     components = load_components(model)
     snapshots: dict[int, tuple[float, int]] = {}
-    extra = {name: model_type(**params[name]) for name, model_type in method.pipeline_parameters.items()}
+    extra = method.validated_parameters(params)
     key = json.dumps(
         [cell.entry, cell.arch, cell.seed, training.method_options, {k: v.model_dump() for k, v in extra.items()}],
         sort_keys=True,

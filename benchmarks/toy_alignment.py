@@ -68,7 +68,7 @@ def run_method(method: str, params: dict, pairs, encoded, steps: int | None, wor
     evaluation = EvalConfig(**params["evaluation"])
     components = load_components(model)
     plugin = training.method_class(training)
-    extra = {name: model_type(**params[name]) for name, model_type in plugin.pipeline_parameters.items()}
+    extra = plugin.validated_parameters(params)
     started = time.perf_counter()
     inputs, preparation = plugin.prepare_inputs(pairs, encoded, components, extra)
     preparation_seconds = time.perf_counter() - started

@@ -72,6 +72,11 @@ class PreferenceMethod:
     def batch_source(self, inputs: TrainingInputs) -> BatchSource:
         return RandomBatches(num_pairs=len(inputs), seed=self.config.seed)
 
+    @classmethod
+    def validated_parameters(cls, parameters: dict) -> dict[str, BaseModel]:
+        """This method's ``pipeline_parameters`` read from a pipeline's ``parameters`` mapping."""
+        return {name: model(**parameters[name]) for name, model in cls.pipeline_parameters.items()}
+
     def prepare_inputs(
         self,
         pairs: pd.DataFrame,
