@@ -128,6 +128,26 @@ class TrainingStep:
         size = self.config.train_batch_size
         self._mine = slice(self._rank * size, (self._rank + 1) * size)
 
+    @property
+    def num_processes(self) -> int:
+        return self._trainer.accelerator.num_processes
+
+    def gather_pairs(self, tensor: torch.Tensor) -> torch.Tensor:
+        """``tensor``'s rows (one per pair of this process) from every process, in global-batch order.
+
+        The other processes' rows arrive without gradient and this process's
+        rows keep theirs, so a loss over the gathered batch back-propagates
+        into this process's own pairs only (each process computes the same
+        global loss; see ``alignment.methods.rpo`` for the scaling). Gradient
+        flow needs no collective in backward, which gloo lacks.
+        """
+        if self.num_processes == 1:
+            return tensor
+        gathered = self._trainer.accelerator.gather(tensor.detach().contiguous())
+        parts = list(gathered.chunk(self.num_processes))
+        parts[self._rank] = tensor
+        return torch.cat(parts)
+
     def generator(self, stream: int) -> torch.Generator:
         """A generator shared by every process at this micro-batch (draw for the global batch)."""
         return _generator(self.config.seed, self.micro_index, stream)
