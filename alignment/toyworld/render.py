@@ -23,6 +23,22 @@ Shapes are drawn at ``SUPERSAMPLING`` times the resolution and box-filtered
 down, which gives anti-aliased edges and a per-pixel coverage in [0, 1] that
 the colour compositing uses.
 
+Styles (``style=``): the plain render (``None``, what every existing caller
+draws, unchanged) or one of ``STYLES``, the target styles of Diffusion-RPO's
+style-alignment evaluation, which the toy base models never saw. A style
+changes how the shape is painted, never what the oracle judges: the shape's
+outline (so shape, size and position) and its hue stay those of the plain
+render of the same scene and jitter.
+
+- ``outlined``: a thick band of the colour along the shape's edge around a
+  light tint of the same colour;
+- ``striped``: diagonal stripes of the colour and a darker shade of it.
+
+A styled render draws the same random numbers as the plain one first and its
+own (the stripe phase) last, so ``render(scene, rng_a, style="striped")`` and
+``render(scene, rng_b)`` with two generators in the same state show the same
+scene with the same jitter, one styled and one plain.
+
 Tensors use the diffusion convention: ``[N, 3, H, W]`` float in [-1, 1].
 ``corrupt`` blurs and adds noise to such tensors, so the oracle can be trained
 to read the blurry, noisy images a small generative model produces.
@@ -46,6 +62,8 @@ __all__ = [
     "COLOUR_RGB",
     "IMAGE_SIZE",
     "SIZE_EXTENT",
+    "STYLES",
+    "check_style",
     "corrupt",
     "from_tensor",
     "render",
@@ -91,6 +109,20 @@ SUPERSAMPLING = 4
 TRIANGLE_WIDTH = 1.15
 SQUARE_SIDE = 0.9
 _WIDTH_PER_EXTENT: dict[str, float] = {"circle": 1.0, "square": SQUARE_SIDE, "triangle": TRIANGLE_WIDTH}
+
+# Styles. Measured with the oracle (which must still read all four attributes on a
+# styled render; see alignment/toyworld/style.py and data/toyworld/README.md).
+OUTLINED = "outlined"
+STRIPED = "striped"
+STYLES: tuple[str, ...] = (OUTLINED, STRIPED)
+# Outline band: this fraction of the shape's extent, at least OUTLINE_MIN_PX, measured inwards from the edge.
+OUTLINE_FRACTION = 0.25
+OUTLINE_MIN_PX = 1.5
+# Interior of an outlined shape: the colour mixed this far towards white (a tint, not another hue).
+OUTLINE_INTERIOR_TINT = 0.45
+# Stripes: period in pixels (along the image diagonal), and how much darker the second stripe is.
+STRIPE_PERIOD_PX = 4.0
+STRIPE_SHADE = 0.3
 
 
 def _shape_centre_and_extent(
@@ -150,12 +182,75 @@ def _coverage(shape: str, centre_x: float, centre_y: float, extent: float, size:
     return inside.reshape(size, SUPERSAMPLING, size, SUPERSAMPLING).mean(axis=(1, 3), dtype=np.float32)
 
 
+def _depth(shape: str, centre_x: float, centre_y: float, extent: float, size: int) -> np.ndarray:
+    """Distance in pixels from each subpixel to the shape's edge, positive inside, on the supersampled grid.
+
+    The zero level set is the edge ``_coverage`` tests against, so ``depth >= 0``
+    is the same shape; the styles use the depth to draw bands along the edge.
+    For the square and the triangle it is the distance to the nearest side's line.
+    """
+    x, y = _subpixel_grid(size)
+    dx, dy = x - centre_x, y - centre_y
+    if shape == "circle":
+        return extent / 2.0 - np.sqrt(dx**2 + dy**2)
+    if shape == "square":
+        return extent * SQUARE_SIDE / 2.0 - np.maximum(np.abs(dx), np.abs(dy))
+    if shape == "triangle":
+        slope = TRIANGLE_WIDTH / 2.0
+        sides = (slope * (dy + extent / 2.0) - np.abs(dx)) / math.sqrt(1.0 + slope**2)
+        return np.minimum(extent / 2.0 - dy, sides)
+    raise ValueError(f"the renderer cannot draw shape {shape!r}")
+
+
+def _pixel_mean(subpixels: np.ndarray, size: int) -> np.ndarray:
+    """Box-filters a supersampled [size * S, size * S] mask down to per-pixel fractions [size, size]."""
+    return subpixels.reshape(size, SUPERSAMPLING, size, SUPERSAMPLING).mean(axis=(1, 3), dtype=np.float32)
+
+
+def _styled_layers(
+    style: str,
+    scene: Scene,
+    centre_x: float,
+    centre_y: float,
+    extent: float,
+    size: int,
+    colour: np.ndarray,
+    rng: np.random.Generator | None,
+    jitter: float,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The two paints of a styled shape: per-pixel coverage of each ``[size, size, 1]`` and the second colour."""
+    depth = _depth(scene.shape, centre_x, centre_y, extent, size)
+    inside = depth >= 0.0
+    if style == OUTLINED:
+        band = max(OUTLINE_MIN_PX, OUTLINE_FRACTION * extent)
+        second = inside & (depth >= band)
+        second_colour = colour + OUTLINE_INTERIOR_TINT * (255.0 - colour)
+    elif style == STRIPED:
+        # Drawn last so the plain render's random numbers come first (see the module docstring).
+        phase = rng.uniform(0.0, 1.0) if jitter else 0.0
+        x, y = _subpixel_grid(size)
+        second = inside & (((x + y) / STRIPE_PERIOD_PX + phase) % 1.0 >= 0.5)
+        second_colour = colour * (1.0 - STRIPE_SHADE)
+    else:
+        raise ValueError(f"unknown style {style!r}; the renderer draws {', '.join(STYLES)} (or None for plain)")
+    first = inside & ~second
+    return _pixel_mean(first, size)[..., None], _pixel_mean(second, size)[..., None], second_colour
+
+
+def check_style(style: str | None) -> str | None:
+    """``style`` if the renderer can draw it (None is the plain render); ValueError naming the styles otherwise."""
+    if style is not None and style not in STYLES:
+        raise ValueError(f"unknown style {style!r}; the renderer draws {', '.join(STYLES)} (or None for plain)")
+    return style
+
+
 def render(
     scene: Scene,
     rng: np.random.Generator | None = None,
     *,
     size: int = IMAGE_SIZE,
     variation: float = 1.0,
+    style: str | None = None,
 ) -> Image.Image:
     """Draws one scene.
 
@@ -164,12 +259,14 @@ def render(
         rng: Source of the jitter; None gives the canonical, deterministic render.
         size: Width and height in pixels.
         variation: Scales all jitter; 0 is canonical, 1 the default amount.
+        style: None for the plain render, or one of ``STYLES``.
 
     Returns:
         An RGB image of ``size`` x ``size`` pixels.
     """
     if variation < 0:
         raise ValueError(f"variation must be >= 0, got {variation}")
+    check_style(style)
     jitter = variation if rng is not None else 0.0
     centre_x, centre_y, extent = _shape_centre_and_extent(scene, rng, size, variation)
     coverage = _coverage(scene.shape, centre_x, centre_y, extent, size)[..., None]
@@ -179,7 +276,13 @@ def render(
     if jitter:
         colour = colour + jitter * COLOUR_JITTER * rng.uniform(-1.0, 1.0, size=3)
         background = background + jitter * BACKGROUND_NOISE_STD * rng.standard_normal((size, size, 3))
-    pixels = coverage * colour + (1.0 - coverage) * background
+    if style is None:
+        pixels = coverage * colour + (1.0 - coverage) * background
+    else:
+        first, second, second_colour = _styled_layers(
+            style, scene, centre_x, centre_y, extent, size, colour, rng, jitter
+        )
+        pixels = first * colour + second * second_colour + (1.0 - first - second) * background
     return Image.fromarray(np.clip(np.rint(pixels), 0, 255).astype(np.uint8), mode="RGB")
 
 
@@ -201,9 +304,11 @@ def render_batch(
     *,
     size: int = IMAGE_SIZE,
     variation: float = 1.0,
+    style: str | None = None,
 ) -> torch.Tensor:
-    """Renders scenes in order as a ``[N, 3, size, size]`` float tensor in [-1, 1]."""
-    return to_tensor([render(scene, rng, size=size, variation=variation) for scene in scenes])
+    """Renders scenes in order as a ``[N, 3, size, size]`` float tensor in [-1, 1], all in one ``style``."""
+    check_style(style)
+    return to_tensor([render(scene, rng, size=size, variation=variation, style=style) for scene in scenes])
 
 
 def _gaussian_kernels(sigmas: torch.Tensor, radius: int) -> torch.Tensor:
