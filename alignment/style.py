@@ -253,13 +253,15 @@ def _thumbnail_png(image: Image.Image, side: int | None) -> bytes:
 
 
 def _as_pil(images: ImageInput) -> list[Image.Image]:
-    """PIL images from PIL images or a tensor in [-1, 1] (the toy world's convention) or [0, 1]."""
+    """PIL images from PIL images or an ``[N, 3, H, W]`` tensor in [-1, 1] (the diffusion and toy-world convention)."""
     if not isinstance(images, Tensor):
         return list(images)
     pixels = images.detach().float().cpu()
-    if pixels.numel() and pixels.min() < 0:
-        pixels = (pixels + 1.0) / 2.0
-    array = (pixels.clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+    if pixels.ndim != 4 or pixels.shape[1] != 3:
+        raise ValueError(f"image tensors must be [N, 3, H, W], got shape {tuple(pixels.shape)}")
+    if pixels.numel() and (pixels.min() < -1.001 or pixels.max() > 1.001):
+        raise ValueError(f"image tensors must lie in [-1, 1], got values in [{pixels.min():.3f}, {pixels.max():.3f}]")
+    array = ((pixels.clamp(-1, 1) + 1.0) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
     return [Image.fromarray(np.ascontiguousarray(item), mode="RGB") for item in array]
 
 
@@ -282,7 +284,8 @@ def style_samples_frame(
     Args:
         label: The model (``"base"``, ``"aligned"``).
         prompts, seeds: One per image (the evaluation grid).
-        images: PIL images or an ``[N, 3, H, W]`` tensor.
+        images: PIL images or an ``[N, 3, H, W]`` tensor in [-1, 1] (what the toy scorer reads; the
+            CLIP scorer takes PIL images or tensors in [0, 1], see :class:`ClipStyleScorer`).
         scorers: One scorer per target style.
         keep_images: Store each image as PNG bytes (``image_png``) for the report's grid.
         thumbnail_side: Longest side of the stored images (None: full size).
@@ -594,12 +597,16 @@ def _grid_html(reference: pd.DataFrame, candidate: pd.DataFrame, summary: dict[s
         cells = []
         for prompt, seed in zip(chosen["prompt"], chosen["seed"], strict=True):
             row = frame.loc[(prompt, seed)]
-            data = base64.b64encode(bytes(row[IMAGE_COLUMN])).decode("ascii")
-            cells.append(
-                f'<td><img src="data:image/png;base64,{data}" alt="{html.escape(label)}: {html.escape(str(prompt))}">'
-                f"<br><small>{html.escape(style)} {_number(float(row[STYLE_SCORE_COLUMN]))}, content "
-                f"{_number(float(row[CONTENT_SCORE_COLUMN]))}</small></td>"
+            scores = (
+                f"<small>{html.escape(style)} {_number(float(row[STYLE_SCORE_COLUMN]))}, content "
+                f"{_number(float(row[CONTENT_SCORE_COLUMN]))}</small>"
             )
+            if not isinstance(row[IMAGE_COLUMN], (bytes, bytearray, memoryview)):
+                cells.append(f"<td>(no image)<br>{scores}</td>")
+                continue
+            data = base64.b64encode(bytes(row[IMAGE_COLUMN])).decode("ascii")
+            alt = f"{html.escape(label)}: {html.escape(str(prompt))}"
+            cells.append(f'<td><img src="data:image/png;base64,{data}" alt="{alt}"><br>{scores}</td>')
         rows.append(f"<tr><th>{html.escape(label)}</th>{''.join(cells)}</tr>")
     return (
         f'<table id="style-grid"><tr><th></th>{header}</tr>{"".join(rows)}</table>'
@@ -742,7 +749,8 @@ def _fit(image: Image.Image, resolution: int | None, multiple: int) -> Image.Ima
         return image
     if width == 0 or height == 0:
         raise ValueError(f"an image of {image.size} is smaller than the editor's latent factor {multiple}")
-    return image.crop((0, 0, width, height))
+    left, top = (image.width - width) // 2, (image.height - height) // 2
+    return image.crop((left, top, left + width, top + height))
 
 
 def make_style_pairs(

@@ -242,3 +242,27 @@ def test_toy_style_pairs_are_deterministic_for_a_seed():
     assert [row["caption"] for row in first] == [scene.prompt for scene in scenes for _ in range(2)]
     with pytest.raises(ValueError, match="pairs_per_prompt"):
         toy_style_pairs("outlined", pairs_per_prompt=0)
+
+
+def test_the_style_report_on_toy_renders_sees_the_style_and_the_kept_content(classifier, oracle):
+    from alignment.style import build_style_report, style_samples_frame
+
+    # A stand-in for base vs aligned samples: plain renders vs outlined renders of the same scenes and seeds.
+    scenes = split_scenes().test[:8]
+    prompts = [scene.prompt for scene in scenes for _ in range(2)]
+    seeds = [seed for _ in scenes for seed in range(2)]
+    items = [scene for scene in scenes for _ in range(2)]
+    scorer = ToyStyleScorer("outlined", classifier=classifier, oracle=oracle)
+    frames = {}
+    for label, style in (("base", None), ("aligned", "outlined")):
+        images = to_tensor(
+            [render(s, np.random.default_rng(seed), style=style) for s, seed in zip(items, seeds, strict=True)]
+        )
+        frames[label] = style_samples_frame(label, prompts, seeds, images, scorer)
+    report = build_style_report(frames["base"], frames["aligned"], resamples=200)
+    numbers = report.summary["per_style"]["outlined"]
+    assert numbers["style_win_rate"] > 0.9 and numbers["style_delta"] > 0.6
+    assert numbers["content_reference"] == 1.0 and numbers["content_candidate"] >= 0.9
+    assert report.html.count("data:image/png;base64,") == 2 * 6
+    with pytest.raises(ValueError, match=r"\[-1, 1\]"):
+        style_samples_frame("base", prompts[:1], seeds[:1], torch.full((1, 3, 32, 32), 2.0), scorer)
