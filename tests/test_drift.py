@@ -175,11 +175,15 @@ def test_frames_that_do_not_line_up_are_refused_with_the_reason(synthetic):
 # --------------------------------------------------------------------------- registry
 
 
-def test_drift_is_registered_and_style_is_a_named_seam(synthetic):
-    assert DRIFT_REPORT in available_reports()
-    assert STYLE_REPORT not in available_reports()
+def test_drift_is_registered_and_style_is_a_named_seam(synthetic, monkeypatch):
+    import alignment.style  # noqa: F401  (registers the style report)
+    from alignment import reports
+
+    assert {DRIFT_REPORT, STYLE_REPORT} <= set(available_reports())
     reference, shifted = synthetic
     inputs = ReportInputs(reference, shifted, "base model", "aligned", notes=("why this reference",))
+    # Before alignment.style is imported, the reserved name says what will fill it.
+    monkeypatch.delitem(reports._BUILDERS, STYLE_REPORT)
     with pytest.raises(ValueError, match="no report builder is registered as 'style'.*style-alignment"):
         build_report(STYLE_REPORT, inputs)
     with pytest.raises(ValueError, match="registered: \\['drift'"):
