@@ -16,7 +16,9 @@ contrast weighted by how similar the two pairs are (``research/algorithms.md``
 
 Whether the paper mines related pairs into a batch at all could not be read
 (§2.2: the LLM code it extends uses random batches), so random batches stay an
-option (``MiningConfig.batches``) and the benchmark answers the question.
+option (the ``rpo`` method's ``batches``) and the benchmark answers the question.
+The embedder is chosen by the pipeline's ``embedding`` section (a registered
+CLIP-type scorer), so a change of the mining settings never embeds again.
 """
 
 from __future__ import annotations
@@ -68,7 +70,7 @@ MINING_STREAM = 11
 
 
 class MiningConfig(BaseModel):
-    """How Diffusion-RPO's pairs are embedded, compared and batched.
+    """How Diffusion-RPO's pairs are compared and their neighbours found.
 
     Every choice marked [unverified] in ``research/algorithms.md`` §2.3 is an
     option here, defaulting to the reconstruction's suggestion.
@@ -76,14 +78,6 @@ class MiningConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    embedder: str = Field(
-        "clip_score",
-        description="registered scorer whose joint text-image space embeds prompts and images: clip_score "
-        "(openai/clip-vit-large-patch14, §2.3's suggestion), pickscore (its CLIP ViT-H/14), toy_reward (toy world) "
-        "[unverified: the paper's CLIP model could not be read]",
-    )
-    embedder_source: str | None = Field(None, description="directory or cached hub id of the embedder's weights")
-    embed_batch_size: int = Field(32, ge=1, description="images per embedder forward pass")
     similarity: Similarity = Field(
         "text",
         description="what the contrast weights compare: text (prompt embeddings, as in LLM-RPO), image "
@@ -94,11 +88,6 @@ class MiningConfig(BaseModel):
         description="joint similarity: concat (normalised text ⊕ image: the mean of the two cosines) or mean "
         "(normalised text + image) [unverified]",
     )
-    batches: Literal["mined", "random"] = Field(
-        "mined",
-        description="mined: each batch is a seed pair and its nearest pairs with other prompts; random: plain "
-        "shuffled batches (what LLM-RPO does) [unverified whether Diffusion-RPO mines]",
-    )
     neighbours: int = Field(32, ge=1, description="nearest other-prompt pairs kept per pair (the batch candidates)")
     one_per_prompt: bool = Field(
         True,
@@ -106,7 +95,9 @@ class MiningConfig(BaseModel):
         "prompt, so more would waste neighbour slots)",
     )
     exact_below: int = Field(
-        50_000, ge=1, description="exact search (faiss IndexFlatIP) below this many pairs; an IVF index from here on"
+        50_000,
+        ge=1,
+        description="exact search (faiss IndexFlatIP, N² dot products) below this many pairs; an IVF index from here on",
     )
     nlist: int | None = Field(None, ge=1, description="IVF lists; None: sqrt(nprobe * N), which balances the cost")
     nprobe: int | None = Field(None, ge=1, description="IVF lists searched per query (recall against time); None: 4")
@@ -117,7 +108,7 @@ class MiningConfig(BaseModel):
         None, description="write the index here and memory-map it (for sets whose index does not fit in memory)"
     )
     threads: int | None = Field(None, ge=1, description="faiss threads; None: faiss's default (all cores)")
-    seed: int = Field(0, description="seed of the k-means training sample and the mined batch order")
+    seed: int = Field(0, description="seed of the IVF k-means training sample (the batch order follows training.seed)")
 
     def index_options(self) -> dict[str, Any]:
         """Keyword arguments of :class:`NeighbourIndex` (and :func:`nearest_other_prompts`)."""
@@ -533,8 +524,8 @@ DEFAULT_NPROBE = 4
 BIG_BATCH_MIN_QUERIES = 4_096
 """From this many queries an IVF index is searched list by list (one GEMM per list) instead of query by query."""
 HEAP_BUDGET_BYTES = 128 << 20
+"""Result memory per search block (float32 + int64 per result): 1M rows are searched in a few blocks."""
 SELECT_ROWS = 16_384
-"""Result memory per big-batch search block (float32 + int64 per result)."""
 
 
 def _as_matrix(vectors: Tensor | np.ndarray, what: str) -> np.ndarray:
@@ -594,8 +585,9 @@ class NeighbourIndex:
     there on it is an IVF index: k-means lists (trained on a seeded sample, so
     a build is deterministic) holding compressed codes (``sq8``: 1 byte per
     dimension, 1M x 768 in 0.75 GiB). Many queries at once (every row of the
-    set) are searched list by list, one matrix product per list, which is
-    several times faster than faiss's per-query scan.
+    set) are searched list by list, one matrix product per list (faiss's
+    ``contrib.big_batch_search``), about twice as fast on 2 cores as faiss's
+    per-query scan. ``benchmarks/mining.py`` measures time, memory and recall.
 
     Args:
         exact_below: Rows below which the search is exact.
