@@ -136,3 +136,54 @@ class RewardConfig(BaseModel):
     options: dict = Field(default_factory=dict, description="scorer-specific options, e.g. {raw_cosine: true}")
     batch_size: int = Field(32, ge=1)
     device: str = "auto"
+
+
+class StyleConfig(BaseModel):
+    """The style-alignment task (Diffusion-RPO's second evaluation): which styles, their pairs, their scorer.
+
+    One model is trained per style, on pairs whose preferred image shows the
+    style and whose dispreferred image is the same content without it; the
+    ``style`` report compares each with the base model on held-out prompts.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    styles: list[str] = Field(
+        default_factory=lambda: ["outlined", "striped"],
+        min_length=1,
+        description="toy: outlined, striped; real: any name with a prompt in editor_prompts and texts in style_texts",
+    )
+    pairs: Literal["toy", "edit"] = Field(
+        "toy", description="toy: styled vs plain renders; edit: the editor stylises the data's preferred images"
+    )
+    pairs_per_prompt: int = Field(8, ge=1, description="toy pairs per train scene")
+    seed: int = Field(0, ge=0, description="seed of the pairs (renders, edits, column order)")
+    editor: str | None = Field(None, description="edit: a text-to-image (run as img2img) or InstructPix2Pix pipeline, hub id or path")
+    editor_prompts: dict[str, str] = Field(
+        default_factory=dict, description="edit: per style, what to ask the editor ({caption} is filled in)"
+    )
+    strength: float = Field(0.6, gt=0, le=1, description="edit: img2img noise strength")
+    editor_steps: int = Field(30, ge=1)
+    scorer: Literal["toy", "clip"] = Field("toy", description="toy: the toy style classifier and the oracle; clip: zero-shot")
+    scorer_source: str | None = Field(None, description="clip: a CLIP model (hub id or path); toy: the classifier dir")
+    style_texts: dict[str, list[str]] = Field(
+        default_factory=dict, description="clip: per style, its text descriptions (defaults for van_gogh, pencil_sketch)"
+    )
+
+    @model_validator(mode="after")
+    def _check(self) -> StyleConfig:
+        if len(set(self.styles)) != len(self.styles):
+            raise ValueError(f"style.styles repeats a style: {self.styles}")
+        if self.pairs == "toy":
+            from alignment.toyworld.render import STYLES
+
+            unknown = [s for s in self.styles if s not in STYLES]
+            if unknown:
+                raise ValueError(f"style.styles {unknown} are not toy styles; the renderer draws {', '.join(STYLES)}")
+        else:
+            if not self.editor:
+                raise ValueError("style.pairs is 'edit' but style.editor (an img2img or InstructPix2Pix model) is not set")
+            missing = [s for s in self.styles if s not in self.editor_prompts]
+            if missing:
+                raise ValueError(f"style.editor_prompts has no prompt for {missing}")
+        return self

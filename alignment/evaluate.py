@@ -483,3 +483,34 @@ def sample_model_frame(
     rewards = None if reward_fn is None else reward_fn(images, prompts).float().cpu().numpy()
     source, embed = image_embedder(evaluation.scorer)
     return samples_frame(label, prompts, seeds, rewards, embed(images), source)
+
+
+def style_rows(
+    components: DiffusionComponents,
+    weights_dir: str | Path | None,
+    evaluation: EvalConfig,
+    resolution: int,
+    scorer,
+    *,
+    show_progress: bool = True,
+) -> pd.DataFrame:
+    """Style rows (``alignment.style.style_samples_frame``) of the base and the aligned model on the evaluation grid.
+
+    Both models draw the same (prompt, seed) grid as :func:`evaluate_config`;
+    ``scorer`` (an ``alignment.style.StyleScorer``) says how strongly each
+    image shows its style and whether it keeps its prompt's content.
+    """
+    from alignment.style import style_samples_frame
+
+    prompts, seeds = evaluation_grid(evaluation.prompt_list(), evaluation.seeds_per_prompt, evaluation.seed_offset)
+    pipeline = components.to_pipeline()
+    pipeline.set_progress_bar_config(disable=True)
+    config = sampling_config(evaluation, resolution)
+    frames = []
+    for label, weights in ((BASE_LABEL, None), (ALIGNED_LABEL, weights_dir)):
+        with aligned_weights(pipeline, weights):
+            images = sample_images(
+                pipeline, prompts, seeds, config, desc=f"sampling {label} ({scorer.style})", show_progress=show_progress
+            )
+        frames.append(style_samples_frame(label, prompts, seeds, images, scorer))
+    return pd.concat(frames, ignore_index=True)

@@ -91,7 +91,18 @@ VARIANTS: dict[str, tuple[str, tuple[str, ...]]] = {
             "training.method_options.inversion.timesteps_per_pair=4",
         ),
     ),
+    "rpo": ("rpo", ()),
+    # Does mining matter? RPO at its chosen setting with DPO's random batches (the group's LLM code).
+    "rpo_random": ("rpo", ("training.method_options.batches=random",)),
 }
+# Entries that add a setting of their own to the β x learning-rate sweep: (name, parameter, values).
+OPTION_SWEEPS: dict[str, tuple[str, str, tuple[float, ...]]] = {
+    # RPO's weights shrink its effective β (each logit is multiplied by omega_ij <= 1): tau is swept as β is.
+    "rpo": ("tau", "training.method_options.tau", (0.25, 0.5, 0.75)),
+}
+# Ablations that reuse another entry's chosen setting instead of a sweep of their own: they change one
+# factor at fixed hyper-parameters.
+SETTING_FROM: dict[str, str] = {"rpo_random": "rpo"}
 TOY_STAGES = (
     "toyworld_oracle",
     "toyworld_base_sdxl",
@@ -116,21 +127,31 @@ class Cell:
     learning_rate: float
     beta: float | None
     seed: int
+    option: float | None = None  # the entry's own swept setting (OPTION_SWEEPS), e.g. RPO's tau
 
     @property
     def name(self) -> str:
         beta = "nobeta" if self.beta is None else f"b{self.beta:g}"
-        return f"{self.stage}-{self.entry}-{self.arch}-{beta}-lr{self.learning_rate:g}-s{self.seed}"
+        swept = OPTION_SWEEPS.get(SETTING_FROM.get(self.entry, self.entry))
+        option = "" if self.option is None else f"-{swept[0]}{self.option:g}"
+        return f"{self.stage}-{self.entry}-{self.arch}-{beta}{option}-lr{self.learning_rate:g}-s{self.seed}"
 
     @property
     def path(self) -> Path:
         return CELLS_DIR / f"{self.name}.json"
 
 
-def world_fingerprint() -> str:
-    """Hash of the toy data every cell depends on (the outs of the toy stages in ``dvc.lock``)."""
+def world_fingerprint(arch: str) -> str:
+    """Hash of the toy data a cell on ``arch`` depends on (the outs of those toy stages in ``dvc.lock``).
+
+    Every cell reads the preferences (sampled from the SDXL base), the oracle and
+    the reward model; an SD1.5 cell also its own base. Rebuilding the SD1.5
+    base therefore redoes the SD1.5 cells only.
+    """
     lock = yaml.safe_load((REPO_ROOT / "dvc.lock").read_text())["stages"]
-    hashes = {stage: [out.get("md5") for out in lock[stage]["outs"]] for stage in TOY_STAGES if stage in lock}
+    other_bases = {f"toyworld_base_{other}" for other in ARCHS if other not in (arch, "sdxl")}
+    stages = [stage for stage in TOY_STAGES if stage in lock and stage not in other_bases]
+    hashes = {stage: [out.get("md5") for out in lock[stage]["outs"]] for stage in stages}
     return hashlib.sha256(json.dumps(hashes, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -153,6 +174,8 @@ def entry_parameters(entry: str, arch: str, cell: Cell | None = None) -> dict:
         assignments += [f"training.learning_rate={cell.learning_rate}", f"training.seed={cell.seed}"]
         if cell.beta is not None:
             assignments.append(f"training.beta={cell.beta}")
+        if cell.option is not None:
+            assignments.append(f"{OPTION_SWEEPS[SETTING_FROM.get(cell.entry, cell.entry)][1]}={cell.option}")
     config = resolve_config(f"{method}_{arch}", None, "toy", tuple(f"parameters.{a}" for a in assignments))
     return config["parameters"]
 
@@ -163,32 +186,40 @@ def uses_beta(entry: str) -> bool:
 
 
 def sweep_cells(entry: str) -> list[Cell]:
+    if entry in SETTING_FROM:
+        return []
     betas: Iterable[float | None] = SWEEP_BETAS if uses_beta(entry) else (None,)
-    return [Cell("sweep", entry, "sdxl", lr, beta, 0) for beta in betas for lr in SWEEP_LEARNING_RATES]
+    options: Iterable[float | None] = OPTION_SWEEPS[entry][2] if entry in OPTION_SWEEPS else (None,)
+    return [
+        Cell("sweep", entry, "sdxl", lr, beta, 0, option)
+        for beta in betas
+        for option in options
+        for lr in SWEEP_LEARNING_RATES
+    ]
 
 
-def chosen_setting(entry: str) -> tuple[float, float | None] | None:
-    """(learning rate, β) of the entry's best sweep cell on the validation prompts; None until all are done."""
-    results = [load_cell(cell) for cell in sweep_cells(entry)]
+def chosen_setting(entry: str) -> tuple[float, float | None, float | None] | None:
+    """(learning rate, β, option) of the entry's best sweep cell on the validation prompts; None until all are done."""
+    results = [load_cell(cell) for cell in sweep_cells(SETTING_FROM.get(entry, entry))]
     if any(result is None for result in results):
         return None
     best = max(results, key=lambda r: (r["scores"]["win_rate"], r["scores"]["reward_mean"]))
-    return best["cell"]["learning_rate"], best["cell"]["beta"]
+    return best["cell"]["learning_rate"], best["cell"]["beta"], best["cell"].get("option")
 
 
 def final_cells(entry: str, archs: Sequence[str], seeds: Sequence[int]) -> list[Cell]:
     setting = chosen_setting(entry)
     if setting is None:
         return []
-    learning_rate, beta = setting
-    return [Cell("final", entry, arch, learning_rate, beta, seed) for arch in archs for seed in seeds]
+    learning_rate, beta, option = setting
+    return [Cell("final", entry, arch, learning_rate, beta, seed, option) for arch in archs for seed in seeds]
 
 
 def load_cell(cell: Cell) -> dict | None:
     if not cell.path.is_file():
         return None
     result = json.loads(cell.path.read_text())
-    return result if result.get("world") == world_fingerprint() else None
+    return result if result.get("world") == world_fingerprint(cell.arch) else None
 
 
 def write_json_atomically(path: Path, payload: dict) -> None:
@@ -245,9 +276,9 @@ def base_samples(arch: str, params: dict, evaluation: EvalConfig) -> dict:
     path = BASELINES_DIR / f"{key}.json"
     if path.is_file():
         stored = json.loads(path.read_text())
-        if stored.get("world") == world_fingerprint():
+        if stored.get("world") == world_fingerprint(arch):
             return stored
-    result = {"world": world_fingerprint(), **score_samples(ModelSpec(**params["model"]), evaluation, None)}
+    result = {"world": world_fingerprint(arch), **score_samples(ModelSpec(**params["model"]), evaluation, None)}
     write_json_atomically(path, result)
     return result
 
@@ -369,7 +400,7 @@ def run_cell(cell: Cell, data: Data) -> dict:
                     }
                 )
     return {
-        "world": world_fingerprint(),
+        "world": world_fingerprint(cell.arch),
         "cell": {**cell.__dict__, "name": cell.name},
         "method": training.method,
         "method_options": training.method_options,
@@ -443,6 +474,7 @@ def summarise(entry: str, arch: str, seeds: Sequence[int]) -> dict | None:
         "arch": arch,
         "learning_rate": setting[0],
         "beta": setting[1],
+        "option": setting[2],
         "seeds": [r["cell"]["seed"] for r in results],
         "win_rate": float(outcomes.mean()),
         "win_rate_ci95": bootstrap_interval(outcomes),
@@ -497,7 +529,7 @@ def difference_interval(first: np.ndarray, second: np.ndarray, seed: int = 0) ->
 
 def format_table(rows: list[dict], sweep: dict[str, list[dict]]) -> str:
     lines = [
-        "| method | base | setting (lr, β) | seeds | win rate vs base [95% CI] | fully correct (aligned / base) | "
+        "| method | base | setting (lr, β[, option]) | seeds | win rate vs base [95% CI] | fully correct (aligned / base) | "
         "oracle reward (aligned / base) | s/step | training s | UNet images | to reach DPO's win rate |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
@@ -509,6 +541,8 @@ def format_table(rows: list[dict], sweep: dict[str, list[dict]]) -> str:
             point = time_to_reach(row["curve"], target)
             reach = "not reached" if point is None else f"{point['seconds']:.0f} s, {point['unet_images']:.3g} images"
         beta = "–" if row["beta"] is None else f"{row['beta']:g}"
+        if row.get("option") is not None:
+            beta += f", {OPTION_SWEEPS[SETTING_FROM.get(row['entry'], row['entry'])][0]} {row['option']:g}"
         low, high = row["win_rate_ci95"]
         preparation = f" (incl. {row['preparation_seconds']:.0f} s prep.)" if row["preparation_seconds"] >= 1 else ""
         lines.append(
@@ -521,6 +555,8 @@ def format_table(rows: list[dict], sweep: dict[str, list[dict]]) -> str:
     for entry, results in sweep.items():
         for r in results:
             beta = "–" if r["cell"]["beta"] is None else f"{r['cell']['beta']:g}"
+            if r["cell"].get("option") is not None:
+                beta += f", {OPTION_SWEEPS[SETTING_FROM.get(entry, entry)][0]} {r['cell']['option']:g}"
             s = r["scores"]
             sweep_lines.append(
                 f"| {entry} | {r['cell']['learning_rate']:g} | {beta} | {s['win_rate']:.3f} | "
@@ -553,7 +589,7 @@ def write_table(names: Sequence[str], archs: Sequence[str], seeds: Sequence[int]
     pending = [e for e in names if chosen_setting(e) is None]
     text = (
         "# Toy-world leaderboard\n\n`python benchmarks/leaderboard.py` (protocol: the script's docstring). "
-        f"World `{world_fingerprint()}`.\n\n" + table
+        f"World `{world_fingerprint('sdxl')}` (SDXL), `{world_fingerprint('sd15')}` (SD 1.5).\n\n" + table
     )
     if comparisons:
         text += (

@@ -14,6 +14,7 @@ def __getattr__(name: str):
     if name == "PIPELINES":
         from pipelines.alignment import TRAINING_PIPELINES
         from pipelines.promote import promote
+        from pipelines.style import style_alignment
 
-        return {**TRAINING_PIPELINES, "promote": promote}
+        return {**TRAINING_PIPELINES, "promote": promote, "style_alignment": style_alignment}
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -54,12 +54,9 @@ def _method_wiring(method: str):
     return module.training_inputs
 
 
-def _align(name: str, arch: str, method: type[PreferenceMethod], params: dict) -> None:
-    data, model, training = params["data"], params["model"], params["training"]
-    _check(name, arch, method.name, model, training)
-    rows = load_preferences(data=data)
-    pairs, _report, _html = validate_preferences(rows=rows, data=data, validation=params["validation"])
-    encoded = encode_pairs(pairs=pairs, model=model, encoding=params["encoding"], data=data)
+def train_on_pairs(method: type[PreferenceMethod], params: dict, pairs, encoded):
+    """The method's data steps (or the plain bundle), then training; returns the trained weights."""
+    model, training = params["model"], params["training"]
     wiring = _method_wiring(method.name)
     if wiring is None:
         inputs = bundle_inputs(encoded=encoded)
@@ -69,6 +66,16 @@ def _align(name: str, arch: str, method: type[PreferenceMethod], params: dict) -
     weights, _metrics = train_alignment_for(training)(
         inputs=inputs, model=model, training=training, output=params["output"]
     )
+    return weights
+
+
+def _align(name: str, arch: str, method: type[PreferenceMethod], params: dict) -> None:
+    data, model, training = params["data"], params["model"], params["training"]
+    _check(name, arch, method.name, model, training)
+    rows = load_preferences(data=data)
+    pairs, _report, _html = validate_preferences(rows=rows, data=data, validation=params["validation"])
+    encoded = encode_pairs(pairs=pairs, model=model, encoding=params["encoding"], data=data)
+    weights = train_on_pairs(method, params, pairs, encoded)
     evaluation = params["evaluation"]
     _report, _grid, samples = evaluate_alignment(weights=weights, model=model, evaluation=evaluation)
     # Reports reuse evaluation's per-image rows; the style-alignment report (alignment.reports.STYLE_REPORT)

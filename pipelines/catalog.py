@@ -9,14 +9,18 @@ from __future__ import annotations
 
 from pydantic import BaseModel
 
-from alignment.config import DataConfig, EncodeConfig, EvalConfig, OutputConfig, ValidationConfig
+from alignment.config import DataConfig, EncodeConfig, EvalConfig, OutputConfig, StyleConfig, ValidationConfig
 from alignment.methods import get_method, method_names
 from alignment.models import ModelSpec
 from alignment.train_config import TrainConfig
 
 ARCHES = ("sdxl", "sd15")
 ARCH_LABELS = {"sdxl": "SDXL", "sd15": "Stable Diffusion 1.5"}
-OTHER_PIPELINES = {"promote": "move a registered model version to staging or production behind gates"}
+STYLE_PIPELINE = "style_alignment"
+OTHER_PIPELINES = {
+    "promote": "move a registered model version to staging or production behind gates",
+    STYLE_PIPELINE: "style alignment (Diffusion-RPO's second evaluation): any method on style pairs, style report",
+}
 
 REQUIRED_PARAMETERS: dict[str, type[BaseModel]] = {"data": DataConfig, "model": ModelSpec, "training": TrainConfig}
 DEFAULTED_PARAMETERS: dict[str, type[BaseModel]] = {
@@ -48,3 +52,21 @@ def parameter_models(name: str) -> dict[str, type[BaseModel]]:
     """The typed parameters of training pipeline ``name``: the common ones and its method's."""
     method, _arch = training_pipelines()[name]
     return {**REQUIRED_PARAMETERS, **get_method(method).pipeline_parameters, **DEFAULTED_PARAMETERS}
+
+
+def style_parameter_models() -> dict[str, type[BaseModel]]:
+    """The style pipeline's parameters: a training pipeline's, the style task, and every method's own sections."""
+    methods: dict[str, type[BaseModel]] = {}
+    for method in method_names():
+        methods.update(get_method(method).pipeline_parameters)
+    return {**REQUIRED_PARAMETERS, "style": StyleConfig, **methods, **DEFAULTED_PARAMETERS}
+
+
+def pipeline_method(pipeline_name: str, config: dict) -> str | None:
+    """The training method a pipeline runs: fixed by a training pipeline's name, chosen in the style pipeline's config."""
+    if pipeline_name in training_pipelines():
+        return training_pipelines()[pipeline_name][0]
+    if pipeline_name == STYLE_PIPELINE:
+        training = ((config.get("parameters") or {}).get("training") or {})
+        return training.get("method", TrainConfig.model_fields["method"].default)
+    return None

@@ -26,7 +26,14 @@ import click
 import yaml
 from pydantic import BaseModel, ValidationError
 
-from pipelines.catalog import REQUIRED_PARAMETERS, parameter_models, training_pipelines
+from pipelines.catalog import (
+    REQUIRED_PARAMETERS,
+    STYLE_PIPELINE,
+    parameter_models,
+    pipeline_method,
+    style_parameter_models,
+    training_pipelines,
+)
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 TRACKED_STEPS = ("train_alignment", "evaluate_alignment")
@@ -82,7 +89,7 @@ def apply_override(config: dict, assignment: str) -> None:
     node[keys[-1]] = yaml.safe_load(raw)
 
 
-def _profile_overlays(pipeline_name: str, profile: str) -> list[dict[str, Any]]:
+def _profile_overlays(pipeline_name: str, profile: str, config: dict[str, Any]) -> list[dict[str, Any]]:
     """The profile's overlays for ``pipeline_name``, in the order they apply."""
     path = REPO_ROOT / "configs" / "profiles" / f"{profile}.yaml"
     if not path.is_file():
@@ -90,15 +97,16 @@ def _profile_overlays(pipeline_name: str, profile: str) -> list[dict[str, Any]]:
         raise ConfigurationError(f"unknown profile {profile!r}; available: {', '.join(known)}")
     overlay = yaml.safe_load(path.read_text()) or {}
     per_method = overlay.pop("methods", {}) or {}
-    training = training_pipelines()
-    if pipeline_name not in training:
+    per_pipeline = (overlay.pop("pipelines", {}) or {}).get(pipeline_name) or {}
+    method = pipeline_method(pipeline_name, config)
+    if method is None:
         # Parameters and step settings describe training; the other pipelines only
         # take the stack-wide settings (e.g. the Docker image of a remote stack).
         return [{k: v for k, v in overlay.items() if k == "settings"}]
-    method, _arch = training[pipeline_name]
     # A profile applies to every pipeline; its `methods:` section only to
-    # pipelines of that method (e.g. the reward model only matters to SmPO).
-    return [overlay, per_method.get(method, {}) or {}]
+    # pipelines of that method (e.g. the reward model only matters to SmPO),
+    # its `pipelines:` section only to the pipeline of that name.
+    return [overlay, per_method.get(method, {}) or {}, per_pipeline]
 
 
 def resolve_config(
@@ -109,7 +117,11 @@ def resolve_config(
     if not path.is_file():
         raise ConfigurationError(f"configuration file {path} does not exist")
     config = yaml.safe_load(path.read_text()) or {}
-    for overlay in _profile_overlays(pipeline_name, profile) if profile else ():
+    # The style pipeline's method is chosen in its config, possibly by --set: read it with the overrides applied.
+    chosen = copy.deepcopy(config)
+    for assignment in overrides:
+        apply_override(chosen, assignment)
+    for overlay in _profile_overlays(pipeline_name, profile, chosen) if profile else ():
         config = deep_merge(config, overlay)
     for assignment in overrides:
         apply_override(config, assignment)
@@ -260,6 +272,8 @@ def parameter_problems(pipeline_name: str, config: dict[str, Any]) -> list[str]:
     training = pipeline_name in training_pipelines()
     if training:
         models, required = parameter_models(pipeline_name), list(REQUIRED_PARAMETERS)
+    elif pipeline_name == STYLE_PIPELINE:
+        models, required = style_parameter_models(), list(REQUIRED_PARAMETERS)
     else:
         models = _other_parameter_models(pipeline_name)
         if models is None:
@@ -312,7 +326,8 @@ def preflight(pipeline_name: str, config: dict[str, Any]) -> None:
     Also writes the data's DVC hash into ``parameters.data.fingerprint``: it is
     part of the load step's parameters, hence of its cache key.
     """
-    if pipeline_name not in training_pipelines():
+    style_pipeline = pipeline_name == STYLE_PIPELINE
+    if pipeline_name not in training_pipelines() and not style_pipeline:
         return
     from alignment.config import DataConfig
     from alignment.data import PreferenceDataError, find_split_files
@@ -323,17 +338,19 @@ def preflight(pipeline_name: str, config: dict[str, Any]) -> None:
     hint = f"To run the embedded default instead: python run.py --pipeline {pipeline_name} --profile tiny"
     data = DataConfig(**params.get("data", {}))
     data_path = Path(data.path) if Path(data.path).is_absolute() else REPO_ROOT / data.path
-    try:
-        find_split_files(data_path, data.split)
-    except (PreferenceDataError, FileNotFoundError) as error:
-        raise ConfigurationError(f"preference data not found: {error}\n{hint}") from error
-    version = data_version(data_path, REPO_ROOT)
-    params.setdefault("data", {})["fingerprint"] = version.fingerprint
-    if version.status == "modified":
-        click.echo(
-            f"note: {data_path} differs from its DVC record in {version.dvc_file}; "
-            "`dvc commit` (or `dvc repro`) versions what is on disk"
-        )
+    # Toy style pairs are rendered, not read: the style pipeline reads data only to edit it.
+    if not (style_pipeline and (params.get("style") or {}).get("pairs", "toy") == "toy"):
+        try:
+            find_split_files(data_path, data.split)
+        except (PreferenceDataError, FileNotFoundError) as error:
+            raise ConfigurationError(f"preference data not found: {error}\n{hint}") from error
+        version = data_version(data_path, REPO_ROOT)
+        params.setdefault("data", {})["fingerprint"] = version.fingerprint
+        if version.status == "modified":
+            click.echo(
+                f"note: {data_path} differs from its DVC record in {version.dvc_file}; "
+                "`dvc commit` (or `dvc repro`) versions what is on disk"
+            )
 
     spec = ModelSpec(**params.get("model", {}))
     try:

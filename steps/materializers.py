@@ -1,6 +1,6 @@
 """Materializers for the project's own artifact types.
 
-``EncodedPairs``, ``InversionCache`` and ``TrainingInputs`` are stored as safetensors + json (never
+``EncodedPairs``, ``InversionCache``, ``PairEmbeddings`` and ``TrainingInputs`` are stored as safetensors + json (never
 pickled), through the artifact store's file API so the same code works on local disk, GCS and S3.
 """
 
@@ -16,6 +16,7 @@ from zenml.materializers.base_materializer import BaseMaterializer
 from alignment.encoding import EncodedPairs
 from alignment.inputs import TrainingInputs
 from alignment.inversion import InversionCache
+from alignment.mining import PairEmbeddings
 
 
 class SafetensorsDirectoryMaterializer(BaseMaterializer):
@@ -55,6 +56,15 @@ class InversionCacheMaterializer(SafetensorsDirectoryMaterializer):
 
     def extract_metadata(self, data: InversionCache) -> dict[str, Any]:
         return {"rows": len(data)}
+
+
+class PairEmbeddingsMaterializer(SafetensorsDirectoryMaterializer):
+    """Every pair's prompt and both images in a CLIP-type space (Diffusion-RPO's mining input)."""
+
+    ASSOCIATED_TYPES: ClassVar[tuple[type[Any], ...]] = (PairEmbeddings,)
+
+    def extract_metadata(self, data: PairEmbeddings) -> dict[str, Any]:
+        return {"pairs": len(data), "dimension": int(data.text.shape[1]), "embedder": data.embedder}
 
 
 class TrainingInputsMaterializer(SafetensorsDirectoryMaterializer):

@@ -20,7 +20,7 @@ from pipelines import catalog, configuration
 REPO_ROOT = configuration.REPO_ROOT
 CONFIGS = sorted((REPO_ROOT / "configs").glob("*.yaml"))
 # Training pipelines' configs; promote.yaml only carries the promotion gates.
-TRAINING_CONFIGS = [path for path in CONFIGS if path.stem != "promote"]
+TRAINING_CONFIGS = [path for path in CONFIGS if path.stem in catalog.training_pipelines()]
 PROFILES = [None] + sorted(p.stem for p in (REPO_ROOT / "configs" / "profiles").glob("*.yaml"))
 
 
@@ -39,6 +39,27 @@ def test_config_validates_against_zenml_and_our_models(config_path: Path, profil
     assert configuration.parameter_problems(config_path.stem, config) == []
     method, _arch = catalog.training_pipelines()[config_path.stem]
     assert config["parameters"]["training"]["method"] == method
+
+
+@pytest.mark.parametrize("profile", PROFILES)
+def test_style_config_validates_with_every_profile_and_follows_the_chosen_method(profile: str | None):
+    from zenml.config.pipeline_run_configuration import PipelineRunConfiguration
+
+    config = configuration.resolve_config(catalog.STYLE_PIPELINE, None, profile, ())
+    PipelineRunConfiguration.model_validate(config)
+    assert configuration.parameter_problems(catalog.STYLE_PIPELINE, config) == []
+    if profile == "toy":
+        assert config["parameters"]["style"]["styles"] == ["outlined", "striped"]
+        # the toy profile's section for the chosen method reaches the style pipeline too
+        assert config["parameters"]["embedding"]["scorer"] == "toy_reward"
+        dpo = configuration.resolve_config(catalog.STYLE_PIPELINE, None, "toy", ("parameters.training.method=dpo", "parameters.training.method_options={}"))
+        assert configuration.parameter_problems(catalog.STYLE_PIPELINE, dpo) == []
+
+
+def test_style_config_names_bad_styles():
+    config = configuration.resolve_config(catalog.STYLE_PIPELINE, None, "toy", ("parameters.style.styles=[dotted]",))
+    problems = configuration.parameter_problems(catalog.STYLE_PIPELINE, config)
+    assert any("dotted" in p and "outlined, striped" in p for p in problems), problems
 
 
 @pytest.mark.parametrize("profile", PROFILES)
@@ -218,7 +239,7 @@ DEPLOY_PROFILES = ("gpu", "k8s", "vertex")
 # The profiles configure training pipelines' steps (run.py also runs non-training pipelines).
 DEPLOY_PIPELINES = tuple(catalog.training_pipelines())
 TRAIN_STEPS = ("train_alignment",)
-GPU_STEPS = ("encode_pairs", *TRAIN_STEPS, "evaluate_alignment", "score_rewards", "invert_pairs")
+GPU_STEPS = ("encode_pairs", *TRAIN_STEPS, "evaluate_alignment", "score_rewards", "invert_pairs", "embed_pairs")
 
 
 def _flavor_settings_classes() -> dict:
@@ -273,6 +294,8 @@ def test_deploy_profiles_settings_validate_against_their_zenml_classes(profile: 
         assert config["steps"][step_name]["settings"]["resources"]["gpu_count"] >= 1, (profile, step_name)
     if catalog.training_pipelines()[pipeline_name][0] == "smpo":
         assert {"score_rewards", "invert_pairs"} <= set(present)
+    if catalog.training_pipelines()[pipeline_name][0] == "rpo":
+        assert "embed_pairs" in present
     for step_name in (*TRAIN_STEPS, "evaluate_alignment"):
         assert config["steps"][step_name]["experiment_tracker"] is True, (profile, step_name)
     for step_name in TRAIN_STEPS:

@@ -45,7 +45,7 @@ def test_cells_of_another_world_are_not_reused(tmp_path, monkeypatch):
     cell = leaderboard.Cell("sweep", "dpo", "sdxl", 3e-4, 2000.0, 0)
     leaderboard.write_json_atomically(cell.path, {"world": "another", "scores": {}})
     assert leaderboard.load_cell(cell) is None
-    leaderboard.write_json_atomically(cell.path, {"world": leaderboard.world_fingerprint(), "scores": {}})
+    leaderboard.write_json_atomically(cell.path, {"world": leaderboard.world_fingerprint(cell.arch), "scores": {}})
     assert leaderboard.load_cell(cell) is not None
     assert [p.name for p in tmp_path.iterdir()] == [cell.path.name]  # nothing half-written left
 
@@ -57,14 +57,37 @@ def test_chosen_setting_is_the_best_validation_cell(tmp_path, monkeypatch):
     for index, cell in enumerate(cells):
         win_rate = 0.9 if index == 4 else 0.5
         payload = {
-            "world": leaderboard.world_fingerprint(),
+            "world": leaderboard.world_fingerprint(cell.arch),
             "cell": cell.__dict__,
             "scores": {"win_rate": win_rate, "reward_mean": 1.0},
         }
         leaderboard.write_json_atomically(cell.path, payload)
-    assert leaderboard.chosen_setting("dpo") == (cells[4].learning_rate, cells[4].beta)
+    assert leaderboard.chosen_setting("dpo") == (cells[4].learning_rate, cells[4].beta, None)
     finals = leaderboard.final_cells("dpo", ["sdxl", "sd15"], [0, 1, 2])
     assert len(finals) == 6 and {c.learning_rate for c in finals} == {cells[4].learning_rate}
+
+
+def test_rpo_sweeps_tau_as_beta_and_its_random_batch_ablation_reuses_the_choice(tmp_path, monkeypatch):
+    monkeypatch.setattr(leaderboard, "CELLS_DIR", tmp_path)
+    cells = leaderboard.sweep_cells("rpo")
+    taus = leaderboard.OPTION_SWEEPS["rpo"][2]
+    assert len(cells) == len(leaderboard.SWEEP_BETAS) * len(taus) * len(leaderboard.SWEEP_LEARNING_RATES)
+    assert {c.option for c in cells} == set(taus) and len({c.name for c in cells}) == len(cells)
+    assert leaderboard.sweep_cells("rpo_random") == []
+    training = leaderboard.entry_parameters("rpo_random", "sdxl", cells[7])["training"]
+    assert training["method_options"]["tau"] == cells[7].option
+    assert training["method_options"]["batches"] == "random"
+    for index, cell in enumerate(cells):
+        payload = {
+            "world": leaderboard.world_fingerprint(cell.arch),
+            "cell": cell.__dict__,
+            "scores": {"win_rate": 0.9 if index == 7 else 0.5, "reward_mean": 1.0},
+        }
+        leaderboard.write_json_atomically(cell.path, payload)
+    chosen = (cells[7].learning_rate, cells[7].beta, cells[7].option)
+    assert leaderboard.chosen_setting("rpo") == leaderboard.chosen_setting("rpo_random") == chosen
+    finals = leaderboard.final_cells("rpo_random", ["sdxl"], [0])
+    assert [c.option for c in finals] == [cells[7].option] and "tau" in finals[0].name
 
 
 def test_bootstrap_interval_covers_the_mean_and_narrows_with_more_seeds():
