@@ -95,7 +95,7 @@ class MiningConfig(BaseModel):
         "prompt, so more would waste neighbour slots)",
     )
     exact_below: int = Field(
-        50_000,
+        20_000,
         ge=1,
         description="exact search (faiss IndexFlatIP, N² dot products) below this many pairs; an IVF index from here on",
     )
@@ -605,7 +605,7 @@ class NeighbourIndex:
     def __init__(
         self,
         *,
-        exact_below: int = 50_000,
+        exact_below: int = 20_000,
         nlist: int | None = None,
         nprobe: int | None = None,
         codes: Codes = "sq8",

@@ -513,7 +513,7 @@ def test_batch_similarity():
 
 def test_mining_config():
     config = MiningConfig()
-    assert (config.similarity, config.neighbours, config.exact_below) == ("text", 32, 50_000)
+    assert (config.similarity, config.neighbours, config.exact_below) == ("text", 32, 20_000)
     assert config.joint == "concat" and config.one_per_prompt
     NeighbourIndex(**config.index_options())  # every index option is one the index takes
     with pytest.raises(ValidationError):
