@@ -9,7 +9,8 @@
 Protocol (the same for every method; a method module that lands later joins by name):
 
 1. **Sweep** (SDXL toy base, training seed 0): each setting of ``SWEEP`` (β x
-   learning rate; methods without β sweep the learning rate only) trains with
+   learning rate; methods without β sweep the learning rate only; RPO sweeps
+   τ x β at one learning rate, ``SWEEP_GRIDS``: 6 settings each) trains with
    the toy profile's other settings and is scored on the 24 *validation*
    prompts. The best validation win rate picks the method's setting.
 2. **Final** runs: the chosen setting, ``SEEDS`` training seeds, on the SDXL
@@ -100,6 +101,10 @@ OPTION_SWEEPS: dict[str, tuple[str, str, tuple[float, ...]]] = {
     # RPO's weights shrink its effective β (each logit is multiplied by omega_ij <= 1): tau is swept as β is.
     "rpo": ("tau", "training.method_options.tau", (0.25, 0.5, 0.75)),
 }
+# Entries whose sweep grid differs, keeping the budget: RPO tries 6 settings like DPO (3 tau x 2 β), at
+# the learning rate every other method's sweep chose (1e-3), and without β 1000 (its weights already
+# shrink the effective β below the nominal one).
+SWEEP_GRIDS: dict[str, tuple[tuple[float, ...], tuple[float, ...]]] = {"rpo": ((2000.0, 5000.0), (1e-3,))}
 # Ablations that reuse another entry's chosen setting instead of a sweep of their own: they change one
 # factor at fixed hyper-parameters.
 SETTING_FROM: dict[str, str] = {"rpo_random": "rpo"}
@@ -188,13 +193,11 @@ def uses_beta(entry: str) -> bool:
 def sweep_cells(entry: str) -> list[Cell]:
     if entry in SETTING_FROM:
         return []
-    betas: Iterable[float | None] = SWEEP_BETAS if uses_beta(entry) else (None,)
+    grid_betas, learning_rates = SWEEP_GRIDS.get(entry, (SWEEP_BETAS, SWEEP_LEARNING_RATES))
+    betas: Iterable[float | None] = grid_betas if uses_beta(entry) else (None,)
     options: Iterable[float | None] = OPTION_SWEEPS[entry][2] if entry in OPTION_SWEEPS else (None,)
     return [
-        Cell("sweep", entry, "sdxl", lr, beta, 0, option)
-        for beta in betas
-        for option in options
-        for lr in SWEEP_LEARNING_RATES
+        Cell("sweep", entry, "sdxl", lr, beta, 0, option) for beta in betas for option in options for lr in learning_rates
     ]
 
 

@@ -71,23 +71,24 @@ def test_rpo_sweeps_tau_as_beta_and_its_random_batch_ablation_reuses_the_choice(
     monkeypatch.setattr(leaderboard, "CELLS_DIR", tmp_path)
     cells = leaderboard.sweep_cells("rpo")
     taus = leaderboard.OPTION_SWEEPS["rpo"][2]
-    assert len(cells) == len(leaderboard.SWEEP_BETAS) * len(taus) * len(leaderboard.SWEEP_LEARNING_RATES)
+    betas, learning_rates = leaderboard.SWEEP_GRIDS["rpo"]
+    assert len(cells) == len(betas) * len(taus) * len(learning_rates) == len(leaderboard.sweep_cells("dpo"))
     assert {c.option for c in cells} == set(taus) and len({c.name for c in cells}) == len(cells)
     assert leaderboard.sweep_cells("rpo_random") == []
-    training = leaderboard.entry_parameters("rpo_random", "sdxl", cells[7])["training"]
-    assert training["method_options"]["tau"] == cells[7].option
+    training = leaderboard.entry_parameters("rpo_random", "sdxl", cells[4])["training"]
+    assert training["method_options"]["tau"] == cells[4].option
     assert training["method_options"]["batches"] == "random"
     for index, cell in enumerate(cells):
         payload = {
             "world": leaderboard.world_fingerprint(cell.arch),
             "cell": cell.__dict__,
-            "scores": {"win_rate": 0.9 if index == 7 else 0.5, "reward_mean": 1.0},
+            "scores": {"win_rate": 0.9 if index == 4 else 0.5, "reward_mean": 1.0},
         }
         leaderboard.write_json_atomically(cell.path, payload)
-    chosen = (cells[7].learning_rate, cells[7].beta, cells[7].option)
+    chosen = (cells[4].learning_rate, cells[4].beta, cells[4].option)
     assert leaderboard.chosen_setting("rpo") == leaderboard.chosen_setting("rpo_random") == chosen
     finals = leaderboard.final_cells("rpo_random", ["sdxl"], [0])
-    assert [c.option for c in finals] == [cells[7].option] and "tau" in finals[0].name
+    assert [c.option for c in finals] == [cells[4].option] and "tau" in finals[0].name
 
 
 def test_bootstrap_interval_covers_the_mean_and_narrows_with_more_seeds():
