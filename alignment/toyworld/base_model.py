@@ -41,9 +41,12 @@ from alignment.toyworld.base_measure import (
     measure_prompt_following,
 )
 from alignment.toyworld.base_training import (
-    DEFAULT_TRAIN_TEXT_ENCODERS,
+    DEFAULT_CLIP_STEPS,
+    DEFAULT_TEXT_ENCODERS,
     DEFAULT_UNET_STEPS,
     DEFAULT_VAE_STEPS,
+    TextEncoders,
+    pretrain_toy_text_encoder,
     train_toy_unet,
     train_toy_vae,
 )
@@ -63,6 +66,13 @@ def _write_json_atomically(path: Path, data: dict[str, Any]) -> None:
     os.replace(scratch, path)
 
 
+_TEXT_ENCODER_NOTES = {
+    "random": "frozen at their seeded random init",
+    "pretrained": "pretrained as a toy CLIP on renders of the train scenes, then frozen",
+    "joint": "trained with the UNet",
+}
+
+
 def build_base_model(
     out_dir: Path,
     arch: Arch = "sdxl",
@@ -70,7 +80,8 @@ def build_base_model(
     seed: int = 0,
     vae_steps: int | None = None,
     unet_steps: int | None = None,
-    train_text_encoders: bool | None = None,
+    text_encoders: TextEncoders | None = None,
+    clip_steps: int = DEFAULT_CLIP_STEPS,
     caption_noise: float = 0.25,
     caption_dropout: float = 0.1,
     high_noise_share: float = 0.25,
@@ -96,8 +107,10 @@ def build_base_model(
         seed: Seed of the weights and of all training randomness.
         vae_steps: VAE optimizer steps; None for ``DEFAULT_VAE_STEPS[arch]``.
         unet_steps: UNet optimizer steps; None for ``DEFAULT_UNET_STEPS[arch]``.
-        train_text_encoders: Train the text encoders with the UNet; None for
-            ``DEFAULT_TRAIN_TEXT_ENCODERS[arch]``.
+        text_encoders: ``"random"`` (frozen at their seeded init), ``"pretrained"``
+            (a toy CLIP, :func:`pretrain_toy_text_encoder`, then frozen) or
+            ``"joint"`` (trained with the UNet); None for ``DEFAULT_TEXT_ENCODERS[arch]``.
+        clip_steps: Steps of the toy CLIP pretraining (``"pretrained"`` only).
         caption_noise: Probability of a caption with one wrong attribute.
         caption_dropout: Probability of a dropped caption.
         high_noise_share: Share of UNet timesteps drawn from the high-noise end.
@@ -122,14 +135,21 @@ def build_base_model(
     out_dir = Path(out_dir)
     vae_steps = DEFAULT_VAE_STEPS[arch] if vae_steps is None else vae_steps
     unet_steps = DEFAULT_UNET_STEPS[arch] if unet_steps is None else unet_steps
-    if train_text_encoders is None:
-        train_text_encoders = DEFAULT_TRAIN_TEXT_ENCODERS[arch]
+    text_encoders = DEFAULT_TEXT_ENCODERS[arch] if text_encoders is None else text_encoders
+    if text_encoders not in ("random", "pretrained", "joint"):
+        raise ValueError(f"text_encoders must be 'random', 'pretrained' or 'joint', got {text_encoders!r}")
+    clip_metrics: dict[str, float] = {}
     started = time.perf_counter()
     timings: dict[str, float] = {}
     with timed(timings, "train_seconds"):
         components = toy_components(arch, seed=seed)
         with timed(timings, "vae/seconds"):
             vae_metrics = train_toy_vae(components, steps=vae_steps, seed=seed, show_progress=show_progress)
+        if text_encoders == "pretrained":
+            with timed(timings, "clip/seconds"):
+                clip_metrics = pretrain_toy_text_encoder(
+                    components, steps=clip_steps, seed=seed, show_progress=show_progress
+                )
         with timed(timings, "unet/seconds"):
             unet_metrics = train_toy_unet(
                 components,
@@ -139,7 +159,7 @@ def build_base_model(
                 caption_dropout=caption_dropout,
                 high_noise_share=high_noise_share,
                 max_loss_weight=max_loss_weight,
-                train_text_encoders=train_text_encoders,
+                train_text_encoders=text_encoders == "joint",
                 learning_rate=unet_learning_rate,
                 batch_size=unet_batch_size,
                 show_progress=show_progress,
@@ -168,9 +188,10 @@ def build_base_model(
             "caption_dropout": caption_dropout,
             "high_noise_share": high_noise_share,
             "max_loss_weight": max_loss_weight,
-            "text_encoders": "trained with the UNet" if train_text_encoders else "frozen at their seeded random init",
+            "text_encoders": _TEXT_ENCODER_NOTES[text_encoders],
             **unet_metrics,
         },
+        **({"text_encoder_pretraining": {"steps": clip_steps, **clip_metrics}} if clip_metrics else {}),
         "sampling_defaults": {"scheduler": "DDIM", "steps": sampling_steps, "guidance_scale": guidance_scale},
         "prompt_following": following,
         "prompt_following_by_guidance": by_guidance,
@@ -247,6 +268,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--vae-steps", type=int, default=None, help=f"default: {DEFAULT_VAE_STEPS}")
     parser.add_argument("--unet-steps", type=int, default=None, help=f"default: {DEFAULT_UNET_STEPS}")
     parser.add_argument("--caption-noise", type=float, default=0.25)
+    parser.add_argument(
+        "--text-encoders", choices=("random", "pretrained", "joint"), default=None, help=f"default: {DEFAULT_TEXT_ENCODERS}"
+    )
     parser.add_argument("--guidance-sweep", type=_scales, default=list(GUIDANCE_SWEEP), help="e.g. 1.5,2,3")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--no-eval", action="store_true", help="skip the prompt-following measurement")
@@ -266,6 +290,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             vae_steps=args.vae_steps,
             unet_steps=args.unet_steps,
             caption_noise=args.caption_noise,
+            text_encoders=args.text_encoders,
             guidance_sweep=args.guidance_sweep,
             evaluate=not args.no_eval,
         )
