@@ -107,19 +107,32 @@ def build_report(name: str, inputs: ReportInputs) -> ReportOutput:
     return output
 
 
+def comparison_builder(name: str, build: Callable[..., Any], headline: Callable[[dict], dict]) -> ReportBuilder:
+    """A builder for ``build(reference, candidate, *, reference_label, candidate_label, notes, **options)``.
+
+    ``build`` returns an object with ``html``, ``summary`` and a ``per_prompt``
+    frame (the drift and style reports); the summary gains the per-prompt rows.
+    """
+
+    def builder(inputs: ReportInputs) -> ReportOutput:
+        result = build(
+            inputs.reference,
+            inputs.candidate,
+            reference_label=inputs.reference_label,
+            candidate_label=inputs.candidate_label,
+            notes=list(inputs.notes),
+            **inputs.options,
+        )
+        summary = {**result.summary, "per_prompt": result.per_prompt.to_dict(orient="records")}
+        return ReportOutput(name, result.html, summary, headline(result.summary))
+
+    return builder
+
+
 def _drift_builder(inputs: ReportInputs) -> ReportOutput:
     from alignment.drift import build_drift_report, headline
 
-    result = build_drift_report(
-        inputs.reference,
-        inputs.candidate,
-        reference_label=inputs.reference_label,
-        candidate_label=inputs.candidate_label,
-        notes=list(inputs.notes),
-        **inputs.options,
-    )
-    summary = {**result.summary, "per_prompt": result.per_prompt.to_dict(orient="records")}
-    return ReportOutput(DRIFT_REPORT, result.html, summary, headline(result.summary))
+    return comparison_builder(DRIFT_REPORT, build_drift_report, headline)(inputs)
 
 
 register_report(DRIFT_REPORT, _drift_builder)

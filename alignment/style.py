@@ -45,7 +45,7 @@ import torch
 from PIL import Image
 from torch import Tensor
 
-from alignment.reports import STYLE_REPORT, ReportInputs, ReportOutput, register_report
+from alignment.reports import STYLE_REPORT, comparison_builder, register_report
 
 logger = logging.getLogger(__name__)
 
@@ -530,20 +530,7 @@ def style_headline(summary: dict[str, Any]) -> dict[str, Any]:
     return headline
 
 
-def _style_builder(inputs: ReportInputs) -> ReportOutput:
-    result = build_style_report(
-        inputs.reference,
-        inputs.candidate,
-        reference_label=inputs.reference_label,
-        candidate_label=inputs.candidate_label,
-        notes=list(inputs.notes),
-        **inputs.options,
-    )
-    summary = {**result.summary, "per_prompt": result.per_prompt.to_dict(orient="records")}
-    return ReportOutput(STYLE_REPORT, result.html, summary, style_headline(result.summary))
-
-
-register_report(STYLE_REPORT, _style_builder, replace=True)
+register_report(STYLE_REPORT, comparison_builder(STYLE_REPORT, build_style_report, style_headline), replace=True)
 
 
 # --------------------------------------------------------------------------------------------
