@@ -17,8 +17,8 @@ from alignment.richpo.critique import (
     CritiqueError,
     CritiqueIssue,
     CritiqueOutcome,
-    EditOutcome,
     Editor,
+    EditOutcome,
     parse_critique,
     parse_instructions,
 )

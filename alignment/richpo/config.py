@@ -63,9 +63,7 @@ class CriticConfig(BaseModel):
     max_new_tokens: int = Field(384, ge=1)
     temperature: float = Field(0.0, ge=0.0, description="0: greedy decoding; >0: sampling (seeded)")
     retries: int = Field(2, ge=0, description="extra attempts on malformed output before the image is skipped")
-    min_severity: float = Field(
-        0.3, ge=0.0, le=1.0, description="issues below this severity get no edit instruction"
-    )
+    min_severity: float = Field(0.3, ge=0.0, le=1.0, description="issues below this severity get no edit instruction")
     batch_size: int = Field(8, ge=1)
     device: str = "auto"
     dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
@@ -83,7 +81,8 @@ class EditorConfig(BaseModel):
         "ablation without instructions); instruct_pix2pix; controlnet_img2img (canny ControlNet keeps structure)",
     )
     source: str | None = Field(
-        None, description="sdedit / controlnet_img2img: the base model (default: the run's model); "
+        None,
+        description="sdedit / controlnet_img2img: the base model (default: the run's model); "
         "instruct_pix2pix: its pipeline (hub id or path)",
     )
     controlnet: str | None = Field(None, description="controlnet_img2img: the ControlNet (hub id or path)")

@@ -43,8 +43,17 @@ __all__ = [
 FAILURE_REASONS = ("no_json", "invalid_json", "schema", "no_instructions", "critic_error")
 
 # Severity words some models write instead of numbers.
-_SEVERITY_WORDS = {"none": 0.0, "minor": 0.25, "low": 0.25, "moderate": 0.5, "medium": 0.5, "major": 0.8,
-                   "high": 0.8, "severe": 1.0, "critical": 1.0}
+_SEVERITY_WORDS = {
+    "none": 0.0,
+    "minor": 0.25,
+    "low": 0.25,
+    "moderate": 0.5,
+    "medium": 0.5,
+    "major": 0.8,
+    "high": 0.8,
+    "severe": 1.0,
+    "critical": 1.0,
+}
 _MAX_INSTRUCTION_CHARS = 300
 _LIST_MARKER = re.compile(r"^\s*(?:[-*\u2022]|\d+[.)]|step \d+:?)\s*", re.IGNORECASE)
 
@@ -234,9 +243,7 @@ def parse_instructions(value: Any) -> tuple[str, ...]:
     return tuple(seen)
 
 
-def parse_critique(
-    text: str, *, instructions: Any = None, require_instructions: bool = True
-) -> Critique:
+def parse_critique(text: str, *, instructions: Any = None, require_instructions: bool = True) -> Critique:
     """A :class:`Critique` from a model's text; :class:`CritiqueError` with a reason otherwise.
 
     Args:
