@@ -20,7 +20,7 @@ import os
 import re
 import uuid
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager
 from datetime import datetime
 from pathlib import Path
@@ -626,8 +626,8 @@ def caption_dropout_mask(
 # --------------------------------------------------------------------------- #
 
 
-def write_pickapic_parquet(rows: list[dict], path: str | Path) -> Path:
-    """Writes rows as a parquet file with exactly ``PICKAPIC_SCHEMA``.
+def write_pickapic_parquet(rows: list[dict], path: str | Path, extra_columns: Sequence[str] = ()) -> Path:
+    """Writes rows as a parquet file with exactly ``PICKAPIC_SCHEMA`` (plus ``extra_columns``, as strings).
 
     Each row needs ``caption``, ``jpg_0``, ``jpg_1`` and ``label_0``; other
     columns are filled when absent: ``ranking_id`` and ``__index_level_0__``
@@ -644,6 +644,8 @@ def write_pickapic_parquet(rows: list[dict], path: str | Path) -> Path:
     Args:
         rows: One dict per preference row.
         path: Destination ``.parquet`` file; parent directories are created.
+        extra_columns: String columns after the Pick-a-Pic ones (e.g. Rich-PO's
+            ``critique`` and ``instruction``); every row must have them.
 
     Returns:
         The written path.
@@ -653,20 +655,26 @@ def write_pickapic_parquet(rows: list[dict], path: str | Path) -> Path:
             unknown one (naming the row index and column).
     """
     destination = Path(path)
-    known = set(PICKAPIC_SCHEMA.names)
+    clashes = [name for name in extra_columns if name in PICKAPIC_SCHEMA.names]
+    if clashes:
+        raise PreferenceDataError(f"{destination}: extra column(s) {clashes} are Pick-a-Pic columns")
+    schema = PICKAPIC_SCHEMA
+    for name in extra_columns:
+        schema = schema.append(pa.field(name, pa.string()))
+    known = set(schema.names)
     caption_counts = Counter(row.get("caption") for row in rows)
     records = []
     for index, row in enumerate(rows):
-        missing = [c for c in REQUIRED_COLUMNS if c not in row]
+        missing = [c for c in (*REQUIRED_COLUMNS, *extra_columns) if c not in row]
         unknown = sorted(set(row) - known)
         if missing or unknown:
             raise PreferenceDataError(
                 f"{destination}: row {index}: missing column(s) {missing}, "
                 f"unknown column(s) {unknown}"
             )
-        records.append(_complete_row(row, index, caption_counts))
+        records.append({**_complete_row(row, index, caption_counts), **{name: row[name] for name in extra_columns}})
 
-    table = pa.Table.from_pylist(records, schema=PICKAPIC_SCHEMA)
+    table = pa.Table.from_pylist(records, schema=schema)
     destination.parent.mkdir(parents=True, exist_ok=True)
     # A unique hidden name (not mkstemp, whose 0600 mode would stick to the
     # result) that no "*.parquet" glob matches.

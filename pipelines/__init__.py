@@ -14,7 +14,8 @@ def __getattr__(name: str):
     if name == "PIPELINES":
         from pipelines.alignment import TRAINING_PIPELINES
         from pipelines.promote import promote
+        from pipelines.richpo import RICHPO
         from pipelines.style import style_alignment
 
-        return {**TRAINING_PIPELINES, "promote": promote, "style_alignment": style_alignment}
+        return {**TRAINING_PIPELINES, "promote": promote, "style_alignment": style_alignment, **RICHPO}
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

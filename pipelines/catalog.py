@@ -17,9 +17,14 @@ from alignment.train_config import TrainConfig
 ARCHES = ("sdxl", "sd15")
 ARCH_LABELS = {"sdxl": "SDXL", "sd15": "Stable Diffusion 1.5"}
 STYLE_PIPELINE = "style_alignment"
+RICHPO_PIPELINES = {"richpo_sdxl": "sdxl", "richpo_sd15": "sd15"}
 OTHER_PIPELINES = {
     "promote": "move a registered model version to staging or production behind gates",
     STYLE_PIPELINE: "style alignment (Diffusion-RPO's second evaluation): any method on style pairs, style report",
+    **{
+        name: f"Rich-PO: critique and edit base samples into pairs, then Diffusion-DPO, {ARCH_LABELS[arch]}"
+        for name, arch in RICHPO_PIPELINES.items()
+    },
 }
 
 REQUIRED_PARAMETERS: dict[str, type[BaseModel]] = {"data": DataConfig, "model": ModelSpec, "training": TrainConfig}
@@ -54,19 +59,34 @@ def parameter_models(name: str) -> dict[str, type[BaseModel]]:
     return {**REQUIRED_PARAMETERS, **get_method(method).pipeline_parameters, **DEFAULTED_PARAMETERS}
 
 
-def style_parameter_models() -> dict[str, type[BaseModel]]:
-    """The style pipeline's parameters: a training pipeline's, the style task, and every method's own sections."""
+def _pair_making_sections() -> dict[str, dict[str, type[BaseModel]]]:
+    from alignment.richpo.config import RichPOConfig
+
+    return {STYLE_PIPELINE: {"style": StyleConfig}, **{name: {"richpo": RichPOConfig} for name in RICHPO_PIPELINES}}
+
+
+def makes_pairs(pipeline_name: str) -> bool:
+    """Pipelines that make their own pairs and train them with the method named in their config."""
+    return pipeline_name == STYLE_PIPELINE or pipeline_name in RICHPO_PIPELINES
+
+
+def pair_making_parameter_models(pipeline_name: str) -> dict[str, type[BaseModel]]:
+    """A pair-making pipeline's parameters: a training pipeline's, its own section, and every method's sections."""
     methods: dict[str, type[BaseModel]] = {}
     for method in method_names():
         methods.update(get_method(method).pipeline_parameters)
-    return {**REQUIRED_PARAMETERS, "style": StyleConfig, **methods, **DEFAULTED_PARAMETERS}
+    return {**REQUIRED_PARAMETERS, **_pair_making_sections()[pipeline_name], **methods, **DEFAULTED_PARAMETERS}
+
+
+def style_parameter_models() -> dict[str, type[BaseModel]]:
+    return pair_making_parameter_models(STYLE_PIPELINE)
 
 
 def pipeline_method(pipeline_name: str, config: dict) -> str | None:
-    """The training method a pipeline runs: fixed by a training pipeline's name, chosen in the style pipeline's config."""
+    """The training method a pipeline runs: fixed by a training pipeline's name, chosen in a pair-making one's config."""
     if pipeline_name in training_pipelines():
         return training_pipelines()[pipeline_name][0]
-    if pipeline_name == STYLE_PIPELINE:
+    if makes_pairs(pipeline_name):
         training = ((config.get("parameters") or {}).get("training") or {})
         return training.get("method", TrainConfig.model_fields["method"].default)
     return None

@@ -28,10 +28,12 @@ from pydantic import BaseModel, ValidationError
 
 from pipelines.catalog import (
     REQUIRED_PARAMETERS,
+    RICHPO_PIPELINES,
     STYLE_PIPELINE,
+    makes_pairs,
+    pair_making_parameter_models,
     parameter_models,
     pipeline_method,
-    style_parameter_models,
     training_pipelines,
 )
 
@@ -117,7 +119,7 @@ def resolve_config(
     if not path.is_file():
         raise ConfigurationError(f"configuration file {path} does not exist")
     config = yaml.safe_load(path.read_text()) or {}
-    # The style pipeline's method is chosen in its config, possibly by --set: read it with the overrides applied.
+    # A pair-making pipeline's method is chosen in its config, possibly by --set: read it with the overrides applied.
     chosen = copy.deepcopy(config)
     for assignment in overrides:
         apply_override(chosen, assignment)
@@ -272,8 +274,8 @@ def parameter_problems(pipeline_name: str, config: dict[str, Any]) -> list[str]:
     training = pipeline_name in training_pipelines()
     if training:
         models, required = parameter_models(pipeline_name), list(REQUIRED_PARAMETERS)
-    elif pipeline_name == STYLE_PIPELINE:
-        models, required = style_parameter_models(), list(REQUIRED_PARAMETERS)
+    elif makes_pairs(pipeline_name):
+        models, required = pair_making_parameter_models(pipeline_name), list(REQUIRED_PARAMETERS)
     else:
         models = _other_parameter_models(pipeline_name)
         if models is None:
@@ -327,7 +329,7 @@ def preflight(pipeline_name: str, config: dict[str, Any]) -> None:
     part of the load step's parameters, hence of its cache key.
     """
     style_pipeline = pipeline_name == STYLE_PIPELINE
-    if pipeline_name not in training_pipelines() and not style_pipeline:
+    if pipeline_name not in training_pipelines() and not makes_pairs(pipeline_name):
         return
     from alignment.config import DataConfig
     from alignment.data import PreferenceDataError, find_split_files
@@ -338,8 +340,11 @@ def preflight(pipeline_name: str, config: dict[str, Any]) -> None:
     hint = f"To run the embedded default instead: python run.py --pipeline {pipeline_name} --profile tiny"
     data = DataConfig(**params.get("data", {}))
     data_path = Path(data.path) if Path(data.path).is_absolute() else REPO_ROOT / data.path
-    # Toy style pairs are rendered, not read: the style pipeline reads data only to edit it.
-    if not (style_pipeline and (params.get("style") or {}).get("pairs", "toy") == "toy"):
+    # Toy style pairs are rendered, not read: the style pipeline reads data only to edit it; Rich-PO reads
+    # data only when its prompts are the data's captions.
+    rendered_style = style_pipeline and (params.get("style") or {}).get("pairs", "toy") == "toy"
+    richpo_prompts = ((params.get("richpo") or {}).get("sampling") or {}).get("prompts", "toyworld_train")
+    if not (rendered_style or (pipeline_name in RICHPO_PIPELINES and richpo_prompts != "data")):
         try:
             find_split_files(data_path, data.split)
         except (PreferenceDataError, FileNotFoundError) as error:
