@@ -61,7 +61,8 @@ def edit_richpo_samples(
 ) -> Annotated[pd.DataFrame, ArtifactConfig(name="richpo_candidates")]:
     """The editor carries out each critique's instructions on its image (``edited``, ``edit_error``)."""
     components = None
-    if editor.backend == "sdedit" and editor.source is None:
+    # Img2img editors default to the run's own base model.
+    if editor.backend in ("sdedit", "controlnet_img2img") and editor.source is None:
         components = load_components(model, device=resolve_device(editor.device))
     candidates = recipe.edit_samples(critiques, recipe.load_editor(editor, components), editor)
     log_metadata(
@@ -103,5 +104,9 @@ def curate_richpo_pairs(
         config=curation,
     )
     summary = {**curated.counts, "reward": curation.reward.scorer, "min_margin": curation.min_margin}
-    log_metadata({"kept": curated.counts["kept"], "dropped": curated.counts["dropped"]}, infer_artifact=True)
+    log_metadata(
+        {"kept": curated.counts["kept"], "dropped": curated.counts["dropped"]},
+        artifact_name="richpo_pair_rows",
+        infer_artifact=True,
+    )
     return frame, HTMLString(report), summary
