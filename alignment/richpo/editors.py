@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import inspect
 import json
+import warnings
 from abc import ABC, abstractmethod
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -241,7 +242,9 @@ class _DiffusersEditor(ABC):
         working = self._working_size(size)
         images = [job.image if job.image.size == working else job.image.resize(working, Image.BICUBIC) for job in batch]
         generators = [torch.Generator(device="cpu").manual_seed(job.seed) for job in batch]
-        with _vae_in_unet_dtype(self.pipeline):
+        with _vae_in_unet_dtype(self.pipeline), warnings.catch_warnings():
+            # The SDXL img2img pipelines call their own deprecated upcast_vae() when the VAE is half precision.
+            warnings.filterwarnings("ignore", message=".*upcast_vae.*", category=FutureWarning)
             arrays = np.asarray(self._call(images, batch, generators), dtype=np.float32)
         return [self._outcome(job, array, size) for job, array in zip(batch, arrays, strict=True)]
 
