@@ -18,8 +18,9 @@ a tuning budget the others do not):
   the toy reward model, on the same samples Rich-PO starts from: plain
   filtering, no critique, no edit;
 - ``sdedit``: the Rich-PO originals that got instructions, resampled by SDEdit
-  (img2img on the base model with the plain prompt, no instruction) and
-  curated by the same rule: the ablation that removes the instructions.
+  (img2img on the base model with the plain prompt, no instruction; strength
+  0.6, ``SDEDIT_RESAMPLES`` seeds each) and curated by the same rule: the
+  ablation that removes the instructions.
 
 Each source is trained at ``BUDGETS`` pairs (a random subset per training seed)
 and scored on the 48 test prompts x 8 seeds by the oracle (the judge only):
@@ -75,6 +76,9 @@ SEEDS = (0, 1, 2)
 SAMPLES_PER_PROMPT = 20  # enough base samples that every source has 300 pairs
 FILTER_GROUP = 4  # reward_filtered: best vs worst of this many samples
 SDEDIT_STRENGTH = 0.6  # the editor config's default
+# One SDEdit resample per original keeps ~45 pairs (the reward model rarely prefers a resample): the ablation
+# resamples each original this many times, so it can fill the budgets too (its cost per pair says what it took).
+SDEDIT_RESAMPLES = 6
 ARCH = "sdxl"
 
 
@@ -136,29 +140,49 @@ def build_pools() -> None:
     model = ModelSpec(**_dpo_parameters(0)["model"])
     components = load_components(model)
     prompts = recipe.resolve_prompts(config.sampling)
-    with board.counting_unet_images(components.unet) as unet:
-        began = time.perf_counter()
-        samples = recipe.sample_base(components, prompts, config.sampling, model.resolution, show_progress=False)
-        sample_seconds, sample_images = time.perf_counter() - began, unet["images"]
+    samples_file, samples_cost = POOLS_DIR / "samples.parquet", POOLS_DIR / "samples.json"
+    if samples_cost.is_file() and json.loads(samples_cost.read_text())["world"] == board.world_fingerprint(ARCH):
+        samples = pd.read_parquet(samples_file)
+        cost = json.loads(samples_cost.read_text())
+        sample_seconds, sample_images = cost["seconds"], cost["unet_images"]
+    else:
+        with board.counting_unet_images(components.unet) as unet:
+            began = time.perf_counter()
+            samples = recipe.sample_base(components, prompts, config.sampling, model.resolution, show_progress=False)
+            sample_seconds, sample_images = time.perf_counter() - began, unet["images"]
+        POOLS_DIR.mkdir(parents=True, exist_ok=True)
+        samples.to_parquet(samples_file)
+        cost = {"world": board.world_fingerprint(ARCH), "seconds": sample_seconds, "unet_images": sample_images}
+        board.write_json_atomically(samples_cost, cost)
     per_sample = {"seconds": sample_seconds / len(samples), "unet_images": sample_images / len(samples)}
-    print(f"sampled {len(samples)} base images in {sample_seconds:.0f} s", flush=True)
+    print(f"{len(samples)} base images ({sample_seconds:.0f} s to sample)", flush=True)
 
     began = time.perf_counter()
     critiqued = recipe.critique_samples(samples, recipe.load_critic(config.critic), 256, show_progress=False)
     critique_seconds = time.perf_counter() - began
 
-    def edited_pool(name: str, editor, editor_config, extra: float) -> None:
+    def edited_pool(name: str, editor, editor_config, repeats: int = 1) -> None:
+        """Edit every critiqued sample ``repeats`` times (other seeds), score, curate; the cost counts it all."""
         began = time.perf_counter()
         with board.counting_unet_images(components.unet) as unet:
-            candidates = recipe.edit_samples(critiqued, editor, editor_config, show_progress=False)
+            candidates = pd.concat(
+                [
+                    recipe.edit_samples(
+                        critiqued, editor, editor_config.model_copy(update={"seed": 1_000_000 * k}), show_progress=False
+                    ).assign(sample_id=lambda f, k=k: f["sample_id"] + f"-r{k}")
+                    for k in range(repeats)
+                ],
+                ignore_index=True,
+            )
             edit_seconds, edit_images = time.perf_counter() - began, unet["images"]
         began = time.perf_counter()
         original, edited = recipe.score_candidates(candidates, config.curation.reward)
         curated = curate(candidates, original, edited, config.curation, models=(name, "base"))
         curate_seconds = time.perf_counter() - began
         kept = max(len(curated.rows), 1)
-        seconds = len(samples) * per_sample["seconds"] + critique_seconds + edit_seconds + curate_seconds + extra
+        seconds = len(samples) * per_sample["seconds"] + critique_seconds + edit_seconds + curate_seconds
         cost = {
+            "repeats": repeats,
             "candidates": len(candidates),
             "kept": len(curated.rows),
             "dropped": curated.counts["dropped"],
@@ -183,7 +207,7 @@ def build_pools() -> None:
         _save_pool(name, curated.rows, cost, EXTRA_COLUMNS)
 
     if not _pool_done("richpo"):
-        edited_pool("richpo", recipe.load_editor(config.editor), config.editor, 0.0)
+        edited_pool("richpo", recipe.load_editor(config.editor), config.editor)
     if not _pool_done("sdedit"):
         from alignment.richpo.editors import SDEditEditor
 
@@ -196,7 +220,8 @@ def build_pools() -> None:
                 "batch_size": 64,
             }
         )
-        edited_pool("sdedit", SDEditEditor.from_config(sdedit_config, components), sdedit_config, 0.0)
+        editor = SDEditEditor.from_config(sdedit_config, components)
+        edited_pool("sdedit", editor, sdedit_config, repeats=SDEDIT_RESAMPLES)
     if not _pool_done("reward_filtered"):
         began = time.perf_counter()
         original, _ = recipe.score_candidates(samples.assign(edited=None), config.curation.reward)
