@@ -35,6 +35,7 @@ __all__ = [
     "CritiqueOutcome",
     "EditOutcome",
     "Editor",
+    "check_edit_batch",
     "parse_critique",
     "parse_instructions",
 ]
@@ -154,6 +155,17 @@ class Editor(Protocol):
         prompts: Sequence[str],
         seeds: Sequence[int],
     ) -> list[EditOutcome]: ...
+
+
+def check_edit_batch(
+    images: Sequence[Any], instructions: Sequence[Any], prompts: Sequence[str], seeds: Sequence[int]
+) -> None:
+    """Every editor's first check: one instruction list, prompt and seed per image."""
+    if not len(images) == len(instructions) == len(prompts) == len(seeds):
+        raise ValueError(
+            f"got {len(images)} images, {len(instructions)} instruction lists, {len(prompts)} prompts and "
+            f"{len(seeds)} seeds"
+        )
 
 
 def _first_json_object(text: str) -> str:

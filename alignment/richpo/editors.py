@@ -37,7 +37,7 @@ from alignment.models.components import DiffusionComponents, move_module
 from alignment.models.locate import find_local_model
 from alignment.models.spec import ModelNotAvailableError
 from alignment.richpo.config import EditorConfig
-from alignment.richpo.critique import Editor, EditOutcome
+from alignment.richpo.critique import Editor, EditOutcome, check_edit_batch
 from alignment.richpo.vlm_critic import resolve_device_and_dtype
 
 __all__ = [
@@ -192,11 +192,7 @@ class _DiffusersEditor(ABC):
         seeds: Sequence[int],
     ) -> list[EditOutcome]:
         """One outcome per image, in order; a failed item is an outcome with ``error``, never an exception."""
-        if not len(images) == len(instructions) == len(prompts) == len(seeds):
-            raise ValueError(
-                f"got {len(images)} images, {len(instructions)} instruction lists, {len(prompts)} prompts and "
-                f"{len(seeds)} seeds"
-            )
+        check_edit_batch(images, instructions, prompts, seeds)
         outcomes: list[EditOutcome | None] = [None] * len(images)
         jobs = []
         for index, (image, image_instructions, prompt, seed) in enumerate(

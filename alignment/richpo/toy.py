@@ -41,7 +41,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from alignment.richpo.critique import CritiqueError, CritiqueOutcome, EditOutcome, parse_critique
+from alignment.richpo.critique import CritiqueError, CritiqueOutcome, EditOutcome, check_edit_batch, parse_critique
 from alignment.toyworld.perception import CONFIG_FILE, WEIGHTS_FILE, PerceptionNet
 from alignment.toyworld.render import (
     COLOUR_RGB,
@@ -355,11 +355,7 @@ class ToyEditor:
         seeds: Sequence[int],
     ) -> list[EditOutcome]:
         """Deterministic: the toy editor draws no random numbers, so ``seeds`` only keep the interface."""
-        if not len(images) == len(instructions) == len(prompts) == len(seeds):
-            raise ValueError(
-                f"got {len(images)} images, {len(instructions)} instruction lists, {len(prompts)} prompts, "
-                f"{len(seeds)} seeds"
-            )
+        check_edit_batch(images, instructions, prompts, seeds)
         return [self.edit_one(image, list(steps)) for image, steps in zip(images, instructions, strict=True)]
 
 
