@@ -63,6 +63,32 @@ def test_style_config_names_bad_styles():
 
 
 @pytest.mark.parametrize("profile", PROFILES)
+@pytest.mark.parametrize("name", sorted(catalog.RICHPO_PIPELINES))
+def test_richpo_configs_validate_with_every_profile(name: str, profile: str | None):
+    from zenml.config.pipeline_run_configuration import PipelineRunConfiguration
+
+    config = configuration.resolve_config(name, None, profile, ())
+    PipelineRunConfiguration.model_validate(config)
+    assert configuration.parameter_problems(name, config) == []
+    assert config["parameters"]["model"]["arch"] == catalog.RICHPO_PIPELINES[name]
+    assert config["parameters"]["training"]["method"] == "dpo"
+    critic = config["parameters"]["richpo"]["critic"]["backend"]
+    assert critic == ("vlm" if profile in (None, "gpu", "k8s", "vertex") else "toy")
+
+
+def test_richpo_config_problems_are_named():
+    config = configuration.resolve_config(
+        "richpo_sdxl",
+        None,
+        "toy",
+        ("parameters.richpo.curation.reward.scorer=toy_oracle", "parameters.richpo.editor.strength=1.5"),
+    )
+    problems = configuration.parameter_problems("richpo_sdxl", config)
+    assert any("oracle" in p for p in problems), problems
+    assert any("strength" in p for p in problems), problems
+
+
+@pytest.mark.parametrize("profile", PROFILES)
 def test_promote_config_validates_with_every_profile(profile: str | None):
     from zenml.config.pipeline_run_configuration import PipelineRunConfiguration
 
