@@ -14,21 +14,19 @@ before ZenML is imported; running, replaying and recording is ``pipelines/runs.p
 
 from __future__ import annotations
 
-import os
 import sys
 from pathlib import Path
 
 import click
 
-# Local-first defaults: no telemetry, W&B offline unless the user says otherwise.
-os.environ.setdefault("ZENML_ANALYTICS_OPT_IN", "false")
-os.environ.setdefault("WANDB_MODE", "offline")
-os.environ.setdefault("DVC_NO_ANALYTICS", "1")
-# transformers announces at import that torchvision is absent (we do not use its image processors).
-os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-
 REPO_ROOT = Path(__file__).resolve().parent
 sys.path.insert(0, str(REPO_ROOT))
+# Before any library is imported: local-first defaults (no telemetry, W&B offline unless
+# the user says otherwise) and what third-party output the terminal shows; the
+# reasons, one per library, are in pipelines/quiet.py.
+from pipelines import quiet  # noqa: E402
+
+quiet.apply()
 from pipelines import catalog, configuration  # noqa: E402
 
 

@@ -36,6 +36,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import logging
 import math
 import time
 from collections.abc import Callable, Iterator
@@ -59,6 +60,8 @@ from alignment.methods import PreferenceMethod
 from alignment.models import DiffusionComponents, adapters_disabled, add_lora, move_module
 from alignment.noise import noisy_latents_and_target, per_sample_mse
 from alignment.train_config import TrainConfig
+
+logger = logging.getLogger(__name__)
 
 # Random streams of the recipe; a method's own draws use other stream numbers.
 _ORDER, _CAPTION_DROPOUT, _NOISE, _TIMESTEPS = 0, 1, 2, 3
@@ -365,6 +368,11 @@ class PreferenceTrainer:
         self.step = int(state["step"])
         self.history = list(state["history"])
         self.resumed_from_step = self.step
+        if self.accelerator.is_main_process:
+            # One line on the terminal (ZenML prints INFO records of the step): which checkpoint, which step.
+            logger.info(
+                "resuming training from checkpoint %s at step %d of %d", latest, self.step, self.config.max_train_steps
+            )
 
     def save_checkpoint(self) -> Path | None:
         """Write ``checkpoint-<step>`` atomically and rotate old ones (main process only)."""

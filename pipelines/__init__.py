@@ -12,6 +12,9 @@ from __future__ import annotations
 def __getattr__(name: str):
     # Built on first use: importing ``pipelines.catalog`` (run.py --help) must not import ZenML.
     if name == "PIPELINES":
+        from pipelines import quiet
+
+        quiet.apply()  # steps run in-process: the same terminal policy as run.py's
         from pipelines.alignment import TRAINING_PIPELINES
         from pipelines.promote import promote
         from pipelines.richpo import RICHPO

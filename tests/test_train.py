@@ -94,7 +94,7 @@ def test_dpo_moves_the_lora_and_keeps_the_base_frozen(tmp_path, sdxl_pairs):
     assert {"train/lr", "train/grad_norm", "dpo/margin"} <= set(result.history[-1])
 
 
-def test_resume_after_a_kill_matches_the_uninterrupted_run(tmp_path, sdxl_pairs):
+def test_resume_after_a_kill_matches_the_uninterrupted_run(tmp_path, sdxl_pairs, caplog):
     config = tiny_config(max_train_steps=6, checkpointing_steps=3)
     straight = build_tiny_components("sdxl", seed=0)
     train_alignment(straight, sdxl_pairs, config, checkpoint_dir=tmp_path / "straight", show_progress=False)
@@ -119,8 +119,12 @@ def test_resume_after_a_kill_matches_the_uninterrupted_run(tmp_path, sdxl_pairs)
     assert [p.name for p in list_checkpoints(tmp_path / "resumed")] == ["checkpoint-000003"]
 
     resumed = build_tiny_components("sdxl", seed=0)
-    result = train_alignment(resumed, sdxl_pairs, config, checkpoint_dir=tmp_path / "resumed", show_progress=False)
+    with caplog.at_level("INFO", logger="alignment.train"):
+        result = train_alignment(resumed, sdxl_pairs, config, checkpoint_dir=tmp_path / "resumed", show_progress=False)
     assert result.resumed_from_step == 3 and result.final_step == 6
+    # The one line that says a run picked up a checkpoint: which one, at which step.
+    [line] = [r.getMessage() for r in caplog.records if r.name == "alignment.train"]
+    assert "checkpoint-000003" in line and "at step 3 of 6" in line
     expected, actual = lora_state_dict(straight.unet), lora_state_dict(resumed.unet)
     assert expected.keys() == actual.keys()
     for key in expected:
