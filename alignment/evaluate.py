@@ -22,7 +22,7 @@ import numpy as np
 import pandas as pd
 import torch
 from diffusers import UNet2DConditionModel
-from PIL import Image, ImageDraw
+from PIL import Image, ImageDraw, ImageFont
 from tqdm.auto import tqdm
 
 from alignment.config import EvalConfig
@@ -146,34 +146,91 @@ def paired_win_rate(
     return float(outcome.mean()), (float(low), float(high))
 
 
+GRID_MIN_TILE = 128
+GRID_MAX_TILE = 256
+GRID_MAX_TILE_COLUMNS = 16
+
+
+def _wrap(draw: ImageDraw.ImageDraw, text: str, font, width: int) -> list[str]:
+    """``text`` in lines no wider than ``width`` pixels (a word longer than a line gets a line of its own)."""
+    lines: list[str] = []
+    for word in text.split():
+        if lines and draw.textlength(f"{lines[-1]} {word}", font=font) <= width:
+            lines[-1] = f"{lines[-1]} {word}"
+        else:
+            lines.append(word)
+    return lines or [""]
+
+
+def _tile_size(width: int, scale: int | None) -> int:
+    """Small images are blown up by a whole factor to at least GRID_MIN_TILE px; large ones shrunk to GRID_MAX_TILE."""
+    if scale is not None:
+        return width * scale
+    if width < GRID_MIN_TILE:
+        return width * -(-GRID_MIN_TILE // width)
+    return min(width, GRID_MAX_TILE)
+
+
 def sample_grid(
     base_images: Sequence[Image.Image],
     aligned_images: Sequence[Image.Image],
     captions: Sequence[str] | None = None,
     *,
     columns: int = 12,
-    scale: int = 3,
+    scale: int | None = None,
+    seeds_per_prompt: int = 1,
+    max_seeds: int = 4,
 ) -> Image.Image:
-    """A picture: the base model's samples on the top row, the aligned model's below."""
-    count = min(columns, len(base_images), len(aligned_images))
-    if count == 0:
+    """A picture of base against aligned: per prompt, its full caption, the base row above the aligned row.
+
+    Args:
+        base_images, aligned_images: The samples in (prompt, seed) order, ``seeds_per_prompt``
+            per prompt (what :func:`evaluate_config` returns); the two models share each seed's noise.
+        captions: One per prompt, drawn in full (wrapped) above its block.
+        columns: At most this many prompts are shown.
+        scale: Whole-number upscale of every image; by default images smaller than
+            ``GRID_MIN_TILE`` px are enlarged without smoothing (nearest) to at least that,
+            and larger ones are shrunk to ``GRID_MAX_TILE``.
+        seeds_per_prompt: How many consecutive images belong to one prompt.
+        max_seeds: At most this many seeds of each prompt are shown (its first ones).
+    """
+    if seeds_per_prompt < 1:
+        raise ValueError(f"seeds_per_prompt must be at least 1, got {seeds_per_prompt}")
+    available = min(len(base_images), len(aligned_images)) // seeds_per_prompt
+    prompts = min(columns, available)
+    if prompts == 0:
         raise ValueError("no images to put in a grid")
-    tile = base_images[0].width * scale
-    label_height = 14
-    margin = 60
-    grid = Image.new("RGB", (margin + count * tile, 2 * tile + label_height * 2), "white")
+    seeds = min(seeds_per_prompt, max_seeds)
+    tile = _tile_size(base_images[0].width, scale)
+    resample = Image.NEAREST if tile >= base_images[0].width else Image.LANCZOS
+    per_line = max(1, min(prompts, GRID_MAX_TILE_COLUMNS // seeds))
+    gap, pad, margin = 8, 4, 60
+    block = seeds * tile
+    font = ImageFont.load_default()
+    measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    line_height = font.getbbox("Ag")[3] + 3
+    wrapped = [_wrap(measure, captions[p], font, block) if captions else [] for p in range(prompts)]
+
+    bands = [range(first, min(first + per_line, prompts)) for first in range(0, prompts, per_line)]
+    caption_heights = [max(len(wrapped[p]) for p in band) * line_height + (pad if captions else 0) for band in bands]
+    width = margin + per_line * block + (per_line - 1) * gap
+    height = sum(h + 2 * tile + gap for h in caption_heights) - gap
+    grid = Image.new("RGB", (width, height), "white")
     draw = ImageDraw.Draw(grid)
-    for row, (name, images) in enumerate((("base", base_images), ("aligned", aligned_images))):
-        top = row * (tile + label_height)
-        draw.text((4, top + tile // 2), name, fill="black")
-        for column in range(count):
-            image = images[column].convert("RGB").resize((tile, tile), Image.NEAREST)
-            grid.paste(image, (margin + column * tile, top))
-    if captions:
-        for column in range(count):
-            words = captions[column].split()
-            short = " ".join(w[:3] for w in words[1:5])
-            draw.text((margin + column * tile + 2, 2 * tile + label_height), short, fill="black")
+    top = 0
+    for band, caption_height in zip(bands, caption_heights, strict=True):
+        for row, name in enumerate(("base", "aligned")):
+            draw.text((4, top + caption_height + row * tile + tile // 2), name, fill="black", font=font)
+        for position, prompt in enumerate(band):
+            left = margin + position * (block + gap)
+            for index, line in enumerate(wrapped[prompt]):
+                draw.text((left, top + index * line_height), line, fill="black", font=font)
+            for seed in range(seeds):
+                index = prompt * seeds_per_prompt + seed
+                for row, images in enumerate((base_images, aligned_images)):
+                    image = images[index].convert("RGB").resize((tile, tile), resample)
+                    grid.paste(image, (left + seed * tile, top + caption_height + row * tile))
+        top += caption_height + 2 * tile + gap
     return grid
 
 

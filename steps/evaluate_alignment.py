@@ -35,20 +35,23 @@ def evaluate_alignment(
 
     Returns:
         The report (``win_rate_vs_base``, ``win_rate_ci95``, ``oracle_reward_mean``,
-        ``oracle_reward_base_mean``, ...), a picture (base row above aligned row) and
+        ``oracle_reward_base_mean``, ...), a picture (per prompt and seed, base above aligned) and
         the per-image rows of both models (prompt, seed, reward, image embedding),
         which the reports read instead of sampling the same images again.
     """
     components = load_components(model)
     result = evaluate_config(components, weights, evaluation, model.resolution)
     report, base_images, aligned_images = result.report, result.base_images, result.aligned_images
-    # One column per prompt at its first seed: base and aligned start from the same noise.
-    first_seed = slice(None, None, evaluation.seeds_per_prompt)
+    # Per prompt its first seeds (up to 4), base above aligned: both start from the same noise.
     grid = sample_grid(
-        base_images[first_seed], aligned_images[first_seed], evaluation.prompt_list(), columns=evaluation.grid_columns
+        base_images,
+        aligned_images,
+        evaluation.prompt_list(),
+        columns=evaluation.grid_columns,
+        seeds_per_prompt=evaluation.seeds_per_prompt,
     )
     summary = {**report.to_dict(), "scorer": evaluation.scorer}
     log_metadata({"evaluation": summary}, infer_model=True)
-    tracking.log_evaluation(summary, grid, caption="top row: base model, bottom row: aligned model")
+    tracking.log_evaluation(summary, grid, caption="per prompt: base model above, aligned model below; one column per seed")
     samples = result.samples
     return summary, grid, samples
