@@ -39,6 +39,9 @@ QUIET_LOGGERS = {
     "great_expectations": logging.WARNING,
     # Evidently (drift report) logs its metric plumbing at INFO.
     "evidently": logging.WARNING,
+    # faiss (nearest neighbours, imported with the RPO and report code) logs which of
+    # its CPU builds it tried at INFO, failures to find the AVX builds included.
+    "faiss": logging.WARNING,
     # This module sets its own logger to INFO at import ("Created temporary directory
     # ... for ephemeral docs site"), so the parent's level does not reach it; a filter does.
     "great_expectations.data_context.types.base": logging.WARNING,

@@ -33,6 +33,7 @@ def run_pipeline(pipeline_name: str, config: dict[str, Any], resolved: Path, *, 
     pipeline_run = _run(pipeline)
     if pipeline_run is not None:
         record_run(pipeline_run.id, config, resolved)
+        print_summary(pipeline_run.id)
     return pipeline_run
 
 
@@ -65,7 +66,6 @@ def record_run(run_id: Any, config: dict[str, Any], resolved: Path | None) -> No
     if run.model_version is not None:
         _link_skipped_outputs(run)
         log_metadata(metadata=metadata, model_version_id=run.model_version.id)
-        click.echo(f"model version: {run.model_version.model.name} version {run.model_version.name}")
 
 
 LOCK_DIR = REPO_ROOT / "requirements"
@@ -237,4 +237,128 @@ def replay(run_ref: str, from_step: str | None, no_cache: bool = False) -> Any:
     )
     resolved = original.run_metadata.get("resolved_config")
     record_run(new_run.id, resolved if isinstance(resolved, dict) else {"parameters": pipeline_config.parameters}, None)
+    print_summary(new_run.id)
     return new_run
+
+
+# --------------------------------------------------------------------------- the end-of-run summary
+
+# Artifacts a person opens after a run, in the order the summary lists them.
+SUMMARY_ARTIFACTS = (
+    "sample_grid",
+    "eval_report",
+    "drift_report",
+    "style_report",
+    "richpo_curation_report",
+    "validation_html",
+    "soft_label_histogram",
+)
+PROMOTE_CONFIG = REPO_ROOT / "configs" / "promote.yaml"
+
+
+def _output(run: Any, name: str) -> Any:
+    """The run's artifact version called ``name`` (from an executed or a cached step), or None."""
+    for step_run in run.steps.values():
+        artifacts = step_run.outputs.get(name)
+        if artifacts:
+            return artifacts[0]
+    return None
+
+
+def _load(run: Any, name: str) -> Any:
+    artifact = _output(run, name)
+    return None if artifact is None else artifact.load()
+
+
+def _artifact_file(uri: str) -> str:
+    """The one file in a local artifact directory (the image, the HTML), else the directory (or a remote URI)."""
+    path = Path(uri)
+    if path.is_dir():
+        files = [f for f in sorted(path.iterdir()) if f.is_file()]
+        if len(files) == 1:
+            return str(files[0])
+    return uri
+
+
+def staging_gates(version: Any) -> dict[str, Any]:
+    """The staging gates of configs/promote.yaml on ``version``, decided by the promote step's own code."""
+    import yaml
+
+    from alignment.promotion import PromotionConfig, decide
+    from steps.promote import version_metrics
+
+    thresholds = (yaml.safe_load(PROMOTE_CONFIG.read_text()).get("parameters") or {}).get("promotion") or {}
+    config = PromotionConfig(model=version.model.name, to="staging", version=str(version.name), **thresholds)
+    return decide(version_metrics(version), None, config).to_dict()
+
+
+def _production(run: Any) -> dict[str, Any] | None:
+    """The model's production version (when it is not this run's own) and its eval_report."""
+    from zenml.enums import ModelStages
+
+    if run.model_version is None:
+        return None
+    try:
+        version = Client().get_model_version(run.model_version.model.name, ModelStages.PRODUCTION)
+    except KeyError:
+        return None
+    if version.id == run.model_version.id:
+        return None
+    artifact = version.get_artifact("eval_report")
+    return {"label": f"{version.model.name} version {version.name}", "eval_report": artifact.load() if artifact else {}}
+
+
+def run_summary(run_id: Any) -> Any:
+    """A :class:`alignment.run_summary.RunSummary` of a finished run, read from its artifacts and model version."""
+    from zenml.utils.dashboard_utils import get_run_url
+
+    from alignment.run_summary import Artifact, RunSummary
+
+    run = Client().get_pipeline_run(run_id)
+    summary = RunSummary(
+        run=run.name,
+        pipeline=run.pipeline.name if run.pipeline else None,
+        status=str(run.status.value),
+        eval_report=_load(run, "eval_report"),
+        drift=_load(run, "drift_summary"),
+        style=_load(run, "style_summary"),
+        curation=_load(run, "richpo_curation_summary"),
+    )
+    version = run.model_version
+    if version is not None:
+        version = Client().get_model_version(version.model.name, version.id)
+        summary.model_version = f"{version.model.name} version {version.name}"
+        if summary.eval_report is not None:
+            summary.production = _production(run)
+            summary.gates = staging_gates(version)
+            summary.gates_source = str(PROMOTE_CONFIG.relative_to(REPO_ROOT))
+            summary.promote_command = (
+                f"python run.py --pipeline promote --model {version.model.name} --to staging --version {version.name}"
+            )
+    for name in SUMMARY_ARTIFACTS:
+        artifact = _output(run, name)
+        if artifact is not None:
+            summary.artifacts.append(
+                Artifact(name, f"zenml artifact version describe {artifact.id}", _artifact_file(artifact.uri))
+            )
+    try:
+        summary.artifact_store = str(Client().active_stack.artifact_store.path)
+    except Exception:  # the stack is not readable: paths stay absolute
+        summary.artifact_store = None
+    try:
+        summary.dashboard = get_run_url(run)
+    except Exception:  # no server (local SQLite store): no dashboard to point at
+        summary.dashboard = None
+    return summary
+
+
+def print_summary(run_id: Any) -> None:
+    """Print the end-of-run summary; a summary that cannot be built never fails the finished run."""
+    from alignment.run_summary import format_run_summary
+
+    try:
+        text = format_run_summary(run_summary(run_id))
+    except Exception as error:  # the run itself succeeded: say what is missing, do not raise
+        click.echo(f"(no run summary: {type(error).__name__}: {error})", err=True)
+        return
+    click.echo("\n" + text)
