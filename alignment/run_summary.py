@@ -108,10 +108,10 @@ def metric_lines(report: dict[str, Any], production: dict[str, Any] | None = Non
             values.append(_share(prod_extra.get("all_correct_rate")))
         rows = [rows[0]] + [(*row, value) for row, value in zip(rows[1:], values, strict=True)]
     lines = _table(rows)
-    samples, prompts = report.get("samples"), report.get("prompts")
+    samples, prompts, seeds = report.get("samples"), report.get("prompts"), report.get("seeds_per_prompt")
     if samples is not None:
         lines.append(
-            f"  {samples} samples ({prompts} prompts x {report.get('seeds_per_prompt')} seeds), "
+            f"  {samples} samples ({prompts} prompts x {seeds} seed{'' if seeds == 1 else 's'}), "
             f"scorer {report.get('scorer', 'n/a')}; 95% CI: bootstrap over prompts"
         )
     if win is None:

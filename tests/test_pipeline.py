@@ -18,12 +18,8 @@ from pipelines import catalog, configuration
 pytestmark = pytest.mark.pipeline
 
 
-def _run_pipeline(name: str, tmp: Path, *overrides: str):
-    from zenml.client import Client
-
-    from pipelines import PIPELINES
-
-    _config, resolved = configuration.prepare(
+def _prepare(name: str, tmp: Path, *overrides: str):
+    return configuration.prepare(
         name,
         profile="tiny",
         overrides=(
@@ -33,16 +29,65 @@ def _run_pipeline(name: str, tmp: Path, *overrides: str):
             *overrides,
         ),
     )
+
+
+def _run_pipeline(name: str, tmp: Path, *overrides: str):
+    from zenml.client import Client
+
+    from pipelines import PIPELINES
+
+    _config, resolved = _prepare(name, tmp, *overrides)
     PIPELINES[name].with_options(config_path=str(resolved), enable_cache=True)()
     return Client().get_pipeline(name).last_run
 
 
 @pytest.fixture(scope="module")
-def two_runs(tmp_path_factory):
+def first_run(tmp_path_factory):
+    """The first tiny dpo_sdxl run, run as run.py runs it; and what it printed on stdout when it ended."""
+    import contextlib
+    import io
+
+    from zenml.client import Client
+
+    from pipelines import runs
+
     tmp = tmp_path_factory.mktemp("pipeline")
-    first = _run_pipeline("dpo_sdxl", tmp)
+    config, resolved = _prepare("dpo_sdxl", tmp)
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        runs.run_pipeline("dpo_sdxl", config, resolved)
+    return tmp, Client().get_pipeline("dpo_sdxl").last_run, printed.getvalue()
+
+
+@pytest.fixture(scope="module")
+def two_runs(first_run):
+    tmp, first, _ = first_run
     second = _run_pipeline("dpo_sdxl", tmp, "parameters.training.beta=2500")
     return first, second
+
+
+def test_a_run_ends_with_its_summary(first_run):
+    """What run.py prints when a run ends: numbers against the base, the staging gates, where to look."""
+    _, run, printed = first_run
+    summary = printed[printed.index(f"run {run.name} (completed)") :]
+    version = run.model_version
+    assert f"model version: dpo_sdxl version {version.name}" in summary
+    assert "win rate vs base" in summary and "mean reward" in summary and "all attributes right" in summary
+    report = run.steps["evaluate_alignment"].outputs["eval_report"][0].load()
+    assert f"{report['samples']} samples ({report['prompts']} prompts x 1 seed), scorer toy_oracle" in summary
+    assert f"{report['win_rate_vs_base']:.3f} [{report['win_rate_ci95'][0]:.3f}, " in summary
+    assert "drift vs base model:" in summary  # nothing in production in the test store yet
+    assert "promotion to staging (configs/promote.yaml): would " in summary
+    assert "[pass] validation: validation_report.passed = True" in summary
+    assert "] win_rate_vs_base: win rate vs base" in summary
+    lines = summary.splitlines()
+    store = next(line.split()[-1] for line in lines if line.strip().startswith("files in"))
+    grid_path = next(line.split()[-1] for line in lines if line.strip().startswith("sample_grid"))
+    assert (Path(store) / grid_path).is_file()  # the picture, on disk in the local artifact store
+    grid = run.steps["evaluate_alignment"].outputs["sample_grid"][0]
+    assert f"zenml artifact version describe {grid.id}" in summary
+    for report in ("eval_report", "drift_report", "validation_html"):
+        assert any(line.strip().startswith(report) for line in lines), report
 
 
 def _status(run_response, step: str) -> str:
