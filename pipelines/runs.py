@@ -252,6 +252,7 @@ SUMMARY_ARTIFACTS = (
     "richpo_curation_report",
     "validation_html",
     "soft_label_histogram",
+    "promotion_decision",
 )
 PROMOTE_CONFIG = REPO_ROOT / "configs" / "promote.yaml"
 
