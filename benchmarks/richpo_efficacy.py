@@ -365,8 +365,12 @@ def _gain_ratio(first: np.ndarray, second: np.ndarray, seed: int = 0) -> tuple[f
         mean_a = a[np.ix_(rng.integers(0, a.shape[0], size=a.shape[0]), prompts)].mean()
         mean_b = b[np.ix_(rng.integers(0, b.shape[0], size=b.shape[0]), prompts)].mean()
         ratios.append(mean_a / mean_b if mean_b > 0 else np.inf)
-    low, high = np.percentile(ratios, [2.5, 97.5])
-    return float(a.mean() / b.mean()), float(low), float(high)
+    ratios = np.asarray(ratios)
+    finite = np.isfinite(ratios)
+    # Resamples whose second gain is <= 0 have no finite ratio: past 2.5% of them the upper bound is unbounded.
+    low = float(np.percentile(np.where(finite, ratios, np.inf), 2.5))
+    high = float(np.percentile(ratios[finite], 97.5)) if (~finite).mean() < 0.025 else np.inf
+    return float(a.mean() / b.mean()), low, high
 
 
 def write_table(seeds: Sequence[int]) -> str:
