@@ -42,7 +42,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from alignment.richpo.critique import CritiqueError, CritiqueOutcome, EditOutcome, check_edit_batch, parse_critique
-from alignment.toyworld.perception import CONFIG_FILE, WEIGHTS_FILE, PerceptionNet
+from alignment.toyworld.perception import WEIGHTS_FILE, Perception, PerceptionNet
 from alignment.toyworld.render import (
     COLOUR_RGB,
     IMAGE_SIZE,
@@ -102,12 +102,9 @@ class ToyCritic:
                 f"no toy critic in {directory}: build it with `dvc repro toyworld_critic` "
                 "(python -m alignment.toyworld.perception --out data/toyworld/critic --seed 23)"
             )
-        from safetensors.torch import load_file
-
-        metadata = json.loads((directory / CONFIG_FILE).read_text())
-        model = PerceptionNet(**metadata["model"])
-        model.load_state_dict(load_file(str(directory / WEIGHTS_FILE)))
-        return cls(model, min_severity=min_severity, metadata=metadata)
+        # Same network and file layout as the annotators' perception model, other weights.
+        perceived = Perception.load(directory)
+        return cls(perceived.model, min_severity=min_severity, metadata=perceived.metadata)
 
     @torch.no_grad()
     def perceive(self, images: Sequence[Image.Image]) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
