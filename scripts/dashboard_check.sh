@@ -5,7 +5,7 @@
 # Screenshots: outputs/dashboard/*.png. Your own ZenML config is not touched.
 #
 # Needs: Debian's chromium (apt-get install -y chromium) and playwright
-# (pip install --require-hashes --no-deps -r requirements/browser.lock, see README).
+# (pip install --require-hashes --no-deps -r requirements/test.lock, see README).
 # Playwright drives the system Chromium; never run `playwright install`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -15,7 +15,7 @@ if ! command -v chromium >/dev/null 2>&1; then
     exit 2
 fi
 if ! python -c "import playwright.sync_api" 2>/dev/null; then
-    echo "playwright is not installed: pip install --require-hashes --no-deps -r requirements/browser.lock (see README)" >&2
+    echo "playwright is not installed: pip install --require-hashes --no-deps -r requirements/test.lock (see README)" >&2
     exit 2
 fi
 

@@ -45,8 +45,9 @@ REFRESH_COMMAND = "python scripts/lock.py"
 # lock name -> (extras, what it is for). "all" is the joint resolution the others are constrained by.
 LOCKS: dict[str, tuple[tuple[str, ...], str]] = {
     "base": ((), "the project's dependencies: local runs, the gpu profile's image"),
+    # The test extra includes playwright (the dashboard browser test runs in CI), so the
+    # browser extra adds nothing and has no lock of its own.
     "test": (("test",), "+ extra test: CI and the README's commands"),
-    "browser": (("test", "browser"), "+ extras test, browser: the dashboard browser test"),
     "k8s": (("k8s",), "+ extra k8s: the k8s profile's image"),
     "vertex": (("vertex",), "+ extra vertex: the vertex profile's image"),
 }
