@@ -1,23 +1,29 @@
-"""End to end: the local ZenML dashboard shows a run, its DAG and a cached step.
+"""End to end: the local ZenML dashboard shows a run, its DAG, a cached step and what the run's summary names.
 
 Starts the local ZenML server (``zenml login --local``) in a private config
 directory, runs ``python run.py --pipeline dpo_sdxl --profile tiny`` twice
 against it (the second run changes beta, so loading, validation and encoding
-come from the cache), then drives headless Chromium like a person would: open
-the dashboard and get past the first-visit account form, open the run from the
-URL run.py printed, see every recorded step and artifact in the DAG, open a
-cached step, a re-run step, the sample grid and the HTML reports. Screenshots
-go to ``outputs/dashboard/`` (``failure.png`` when it fails).
+come from the cache), checks the summary run.py prints when the second run
+ends (win rate with its 95% CI, the promotion gates, the dashboard URL, and
+for the sample grid and each report a file that exists and an artifact
+version the server knows), then drives headless Chromium like a person would:
+open the dashboard and get past the first-visit account form, open the run
+from the URL run.py printed, see every recorded step and artifact in the DAG,
+open a cached step, a re-run step, the sample grid and every report the
+summary names (HTML reports in their frame, whatever else as its preview).
+Screenshots go to ``outputs/dashboard/`` (``failure.png`` when it fails).
 
-Slow (10-15 min on 2 busy cores, most of it the server start and the two runs)
-and needs Debian's ``chromium`` plus ``playwright`` (``pip install -e
-'.[browser]'``), so it is skipped unless asked for (``-m browser``, or
-``ALIGNMENT_BROWSER_TESTS=1``):
+CI runs it (``.ci/run`` installs Debian's ``chromium``; playwright is in
+requirements/test.lock): it runs when ``CI=true``, ``ALIGNMENT_BROWSER_TESTS=1``
+or ``-m browser`` asks for it, and then fails if chromium or playwright is
+missing. Otherwise it is skipped, so a developer without chromium keeps a
+green ``python -m pytest -q``:
 
     python -m pytest -m browser tests/test_dashboard_browser.py     # or scripts/dashboard_check.sh
 
-Playwright never downloads a browser here: it drives the system Chromium
-through ``executable_path``.
+About 2 min on a quiet 2-core machine (most of it the server start and the
+two runs). Playwright never downloads a browser here: it drives the system
+Chromium through ``executable_path``.
 """
 
 from __future__ import annotations
@@ -46,22 +52,39 @@ CACHED_ON_RERUN = ("load_preferences", "validate_preferences", "encode_pairs")
 HTML_REPORTS = {"validation_html", "drift_report"}
 CORE_OUTPUTS = {"train_alignment": {"lora_weights"}, "evaluate_alignment": {"eval_report", "sample_grid"}}
 DASHBOARD_RUN_URL = re.compile(r"Dashboard URL for Pipeline Run:\s*(http://\S+/runs/[0-9a-f-]{36})")
+# The summary run.py prints when a run ends (alignment/run_summary.py).
+SUMMARY_TITLE = re.compile(r"^run (dpo_sdxl-\S+) \((\w+)\)$", re.M)
+WIN_RATE = re.compile(r"^  win rate vs base\s+(\d\.\d{3}) \[(\d\.\d{3}), (\d\.\d{3})\]\s+0\.500$", re.M)
+GATES = re.compile(r"^promotion to staging \(configs/promote\.yaml\): would (pass|FAIL)$", re.M)
+DESCRIBE = re.compile(r"^zenml artifact version describe ([0-9a-f-]{36})$")
 ANSI = re.compile(r"\x1b\[[0-9;]*m")
 USER_DISPLAY_NAME = "Dashboard Check"
 
 pytestmark = [pytest.mark.browser, pytest.mark.timeout(2700)]
 
 
+def browser_tests_asked(markexpr: str, environ: dict[str, str]) -> bool:
+    """Whether this session should run the browser test: ``-m browser``, ``ALIGNMENT_BROWSER_TESTS=1``
+    or CI (``CI=true``, which .ci/run sets); ``ALIGNMENT_BROWSER_TESTS=0`` turns it off even in CI."""
+    flag = environ.get("ALIGNMENT_BROWSER_TESTS", "").strip().lower()
+    if flag in {"0", "false", "no"}:
+        return False
+    if re.search(r"(?<!not )\bbrowser\b", markexpr or ""):
+        return True
+    return flag in {"1", "true", "yes"} or environ.get("CI", "").strip().lower() in {"1", "true", "yes"}
+
+
 @pytest.fixture(scope="module", autouse=True)
 def _only_when_asked(request):
-    """Skip in the default run (CI: ``python -m pytest -q``); run with ``-m browser``.
+    """Skip unless asked for (see browser_tests_asked): CI runs it, a developer's default run skips it.
 
     Module-scoped and requested by the server fixture, so the skip comes before
     any server is started (a function-scoped one would run after module fixtures)."""
-    markexpr = request.config.getoption("markexpr", "") or ""
-    asked = re.search(r"(?<!not )\bbrowser\b", markexpr) is not None or os.environ.get("ALIGNMENT_BROWSER_TESTS") == "1"
-    if not asked:
-        pytest.skip("dashboard browser test: run with `python -m pytest -m browser tests/test_dashboard_browser.py`")
+    if not browser_tests_asked(request.config.getoption("markexpr", "") or "", dict(os.environ)):
+        pytest.skip(
+            "dashboard browser test (needs Debian's chromium and playwright; CI runs it): "
+            "ALIGNMENT_BROWSER_TESTS=1 python -m pytest -q, or python -m pytest -m browser tests/test_dashboard_browser.py"
+        )
 
 
 def _free_port() -> int:
@@ -97,18 +120,25 @@ def _port_open(port: int) -> bool:
 
 @pytest.fixture(scope="module")
 def chromium_path(_only_when_asked) -> str:
+    """Asked for but not installed is a failure, not a skip: a CI run must not pass without the check."""
     path = shutil.which("chromium")
     if path is None:
-        pytest.fail("Debian's chromium is not installed: apt-get install -y chromium")
+        pytest.fail(
+            "the dashboard browser test was asked for (CI, ALIGNMENT_BROWSER_TESTS or -m browser) but Debian's "
+            "chromium is not installed: apt-get install -y chromium (or ALIGNMENT_BROWSER_TESTS=0 to skip it)"
+        )
     try:
         import playwright.sync_api  # noqa: F401
     except ImportError:
-        pytest.fail("playwright is not installed: pip install --require-hashes --no-deps -r requirements/browser.lock (README, Dashboard)")
+        pytest.fail(
+            "playwright is not installed: PLAYWRIGHT_SKIP_BROWSER_DOWNLOAD=1 pip install --require-hashes --no-deps "
+            "-r requirements/test.lock (README, Tests)"
+        )
     return path
 
 
 @pytest.fixture(scope="module")
-def local_server(_only_when_asked, tmp_path_factory):
+def local_server(chromium_path, tmp_path_factory):
     """`zenml login --local` in a private config dir; stopped with `zenml logout --local`."""
     home = tmp_path_factory.mktemp("dashboard")
     port = _free_port()
@@ -146,7 +176,9 @@ def local_server(_only_when_asked, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def two_runs(local_server):
-    """Two tiny dpo_sdxl runs against the server; the second changes beta only."""
+    """Two tiny dpo_sdxl runs against the server; the second changes beta only.
+
+    Returns the dashboard URLs run.py printed for both runs and the second run's output."""
     tmp = local_server["home"]
     base = [
         sys.executable,
@@ -172,18 +204,106 @@ def two_runs(local_server):
     for step in CACHED_ON_RERUN:
         assert f"Using cached version of step {step}" in second, step
     assert urls[1].group(1).startswith(local_server["url"]), (urls[1].group(1), local_server["url"])
-    return urls[0].group(1), urls[1].group(1)
+    return urls[0].group(1), urls[1].group(1), second
+
+
+def _api(base_url: str, path: str, **query) -> dict:
+    """GET a route of the server's REST API (the local server runs without authentication)."""
+    url = f"{base_url}/api/v1/{path}" + (f"?{urllib.parse.urlencode(query)}" if query else "")
+    with urllib.request.urlopen(url, timeout=30) as response:  # noqa: S310 - our local server
+        return json.load(response)
 
 
 def _recorded_steps(base_url: str, run_url: str) -> dict[str, tuple[str, set[str]]]:
-    """{step name: (status, output artifact names)} of a run, from the server's REST API
-    (the local server runs without authentication)."""
-    run_id = run_url.rsplit("/", 1)[-1]
-    query = urllib.parse.urlencode({"pipeline_run_id": run_id, "size": 100})
-    with urllib.request.urlopen(f"{base_url}/api/v1/steps?{query}", timeout=30) as response:  # noqa: S310 - local server
-        page = json.load(response)
+    """{step name: (status, output artifact names)} of a run, from the server's REST API."""
+    page = _api(base_url, "steps", pipeline_run_id=run_url.rsplit("/", 1)[-1], size=100)
     assert page["total"] == len(page["items"]), "more steps than one page of the API"
     return {item["name"]: (item["body"]["status"], set(item["resources"]["outputs"])) for item in page["items"]}
+
+
+def parse_summary(output: str) -> dict:
+    """The end-of-run summary run.py printed (alignment/run_summary.py), as
+    ``{"run", "status", "win_rate", "ci", "gates", "dashboard", "store", "artifacts": {name: {"path", "id"}}}``.
+    Fails with the printed text when a part is missing."""
+    assert "(no run summary:" not in output, output[-3000:]
+    titles = list(SUMMARY_TITLE.finditer(output))
+    assert titles, f"run.py printed no run summary (`run <name> (<status>)`):\n{output[-3000:]}"
+    text = output[titles[-1].start() :]
+    win, gates = WIN_RATE.search(text), GATES.search(text)
+    assert win, f"no `win rate vs base <rate> [<low>, <high>]` line in the summary:\n{text}"
+    assert gates, f"no `promotion to staging (configs/promote.yaml): would ...` line in the summary:\n{text}"
+    assert "\nopen:\n" in text, f"no `open:` block in the summary:\n{text}"
+    summary = {
+        "run": titles[-1].group(1),
+        "status": titles[-1].group(2),
+        "win_rate": float(win.group(1)),
+        "ci": (float(win.group(2)), float(win.group(3))),
+        "gates": gates.group(1),
+        "dashboard": None,
+        "store": None,
+        "artifacts": {},
+    }
+    name = None
+    for line in text.split("\nopen:\n", 1)[1].splitlines():
+        if not line.startswith("  "):
+            break
+        labelled = re.match(r"^  (files in|[A-Za-z0-9_]+)\s{2,}(\S.*)$", line)
+        if labelled:
+            name, value = labelled.group(1), labelled.group(2).strip()
+        else:  # a continuation line: the artifact above's describe command
+            value = line.strip()
+        if name == "dashboard":
+            summary["dashboard"] = value
+        elif name == "files in":
+            summary["store"] = value
+        elif name is not None:
+            entry = summary["artifacts"].setdefault(name, {"path": None, "id": None})
+            describe = DESCRIBE.match(value)
+            if describe:
+                entry["id"] = describe.group(1)
+            else:
+                entry["path"] = value
+    return summary
+
+
+def _summary_file(summary: dict, path: str) -> Path:
+    """A path the summary printed: relative to `files in` (the artifact store) unless absolute."""
+    return Path(path) if path.startswith("/") or not summary["store"] else Path(summary["store"]) / path
+
+
+def check_summary(summary: dict, base_url: str, run_url: str, recorded: dict[str, tuple[str, set[str]]]) -> dict:
+    """What the printed summary says agrees with the run the server recorded.
+
+    Returns ``{artifact name: visualization types}`` of the artifacts the summary names."""
+    assert summary["status"] == "completed", summary
+    low, high = summary["ci"]
+    assert 0.0 <= low <= summary["win_rate"] <= high <= 1.0, summary
+    # The dashboard line is this run's page on our server (the URL ZenML printed for the run).
+    assert summary["dashboard"] == run_url, (summary["dashboard"], run_url)
+    outputs = set().union(*(names for _status, names in recorded.values()))
+    named = summary["artifacts"]
+    assert {"sample_grid", "eval_report"} <= set(named), f"the summary names no sample grid / eval report: {named}"
+    visualizations = {}
+    for name, entry in named.items():
+        assert name in outputs, f"the summary names {name}, which no step of the run outputs: {sorted(outputs)}"
+        assert entry["id"], f"no `zenml artifact version describe <id>` for {name}: {entry}"
+        version = _api(base_url, f"artifact_versions/{entry['id']}", hydrate="true")
+        assert version["body"]["artifact"]["name"] == name, (name, version["body"]["artifact"]["name"])
+        visualizations[name] = [v["body"]["type"] for v in (version["metadata"] or {}).get("visualizations") or []]
+        assert entry["path"], f"no file for {name} in the summary: {entry}"
+        file = _summary_file(summary, entry["path"])
+        assert file.exists(), f"the summary's file for {name} does not exist: {file}"
+        if name == "sample_grid":
+            from PIL import Image
+
+            # Base above aligned, each sample enlarged to >= 128 px: at least 2 x 128 px high.
+            with Image.open(file) as grid:
+                assert grid.format == "PNG" and grid.height >= 256 and grid.width >= 128, (grid.format, grid.size)
+        if name == "eval_report" and file.suffix == ".json":
+            report = json.loads(file.read_text())
+            if isinstance(report, dict) and "win_rate_vs_base" in report:
+                assert round(float(report["win_rate_vs_base"]), 3) == summary["win_rate"], (report, summary)
+    return visualizations
 
 
 def _open_dashboard(page, base_url: str) -> None:
@@ -237,7 +357,7 @@ def _close_sheet(page) -> None:
 
 
 def test_dashboard_shows_run_dag_and_cached_step(local_server, two_runs, chromium_path):
-    first_url, second_url = two_runs
+    first_url, second_url, second_output = two_runs
     assert first_url != second_url
     recorded = _recorded_steps(local_server["url"], second_url)
     for step in STEPS:
@@ -247,12 +367,42 @@ def test_dashboard_shows_run_dag_and_cached_step(local_server, two_runs, chromiu
     assert recorded["train_alignment"][0] == "completed", recorded["train_alignment"]
     for step, outputs in CORE_OUTPUTS.items():
         assert outputs <= recorded[step][1], (step, recorded[step][1])
-    check_dashboard(local_server["url"], second_url, chromium_path, recorded)
+    summary = parse_summary(second_output)
+    print(f"[dashboard test] summary: {summary}")
+    named = check_summary(summary, local_server["url"], second_url, recorded)
+    check_dashboard(local_server["url"], second_url, chromium_path, recorded, named)
 
 
-def check_dashboard(base_url: str, run_url: str, chromium_path: str, recorded: dict[str, tuple[str, set[str]]]) -> None:
+def _check_preview(page, types: list[str]) -> None:
+    """The artifact sheet's loaded visualization shows what its type promises."""
+    from playwright.sync_api import expect
+
+    sheet = page.get_by_role("dialog")
+    if "image" in types:
+        expect(sheet.locator('img[src^="data:image/png"]').first).to_be_visible()
+    if "html" in types:
+        expect(sheet.locator("iframe").first).to_be_visible()
+        expect(sheet.frame_locator("iframe").first.locator("body")).to_have_text(re.compile(r"\w{3}"))
+    # JSON, markdown, CSV: the preview replaced its button (it loaded) and shows some text.
+    expect(sheet.get_by_role("button", name="Load Preview")).to_have_count(0)
+    expect(sheet).to_contain_text(re.compile(r"\w{3}"))
+
+
+def check_dashboard(
+    base_url: str,
+    run_url: str,
+    chromium_path: str,
+    recorded: dict[str, tuple[str, set[str]]],
+    named: dict[str, list[str]] | None = None,
+) -> None:
     """Drive the dashboard of a running server. `run_url` is a run whose load_preferences
-    step was cached and whose train_alignment ran; `recorded` is its steps (_recorded_steps)."""
+    step was cached and whose train_alignment ran; `recorded` is its steps (_recorded_steps);
+    `named` the artifacts the run's summary names, with their visualization types (check_summary)."""
+    named = dict(named or {})
+    producers = {output: step for step, (_status, outputs) in recorded.items() for output in outputs}
+    # Whatever the summary names, plus the HTML reports wherever the pipeline made them.
+    for report in HTML_REPORTS & set(producers):
+        named.setdefault(report, ["html"])
     from playwright.sync_api import expect, sync_playwright
 
     SCREENSHOT_DIR.mkdir(parents=True, exist_ok=True)
@@ -303,21 +453,20 @@ def check_dashboard(base_url: str, run_url: str, chromium_path: str, recorded: d
             _close_sheet(page)
 
             _preview_artifact(page, "evaluate_alignment", "sample_grid")
-            expect(page.get_by_role("dialog").locator('img[src^="data:image/png"]')).to_be_visible()
+            _check_preview(page, named.pop("sample_grid", None) or ["image"])
             page.screenshot(path=str(SCREENSHOT_DIR / "04_sample_grid.png"))
             shots = ["01_home", "02_run_dag", "03_cached_step", "04_sample_grid"]
 
-            # HTML reports (validation, drift) render in a frame, wherever the pipeline made them.
-            for step, (_status, outputs) in recorded.items():
-                for report in sorted(outputs & HTML_REPORTS):
-                    _close_sheet(page)
-                    _preview_artifact(page, step, report)
-                    expect(page.get_by_role("dialog").locator("iframe")).to_be_visible()
-                    expect(page.get_by_role("dialog").frame_locator("iframe").locator("body")).to_have_text(
-                        re.compile(r"\w{3}")
-                    )
-                    shots.append(f"05_{report}")
-                    page.screenshot(path=str(SCREENSHOT_DIR / f"{shots[-1]}.png"))
+            # The reports the summary names (eval report, drift, validation, ...) and the HTML
+            # reports open from their DAG node; an artifact without a visualization has no preview.
+            for name, types in sorted(named.items()):
+                if not types:
+                    continue
+                _close_sheet(page)
+                _preview_artifact(page, producers[name], name)
+                _check_preview(page, types)
+                shots.append(f"05_{name}")
+                page.screenshot(path=str(SCREENSHOT_DIR / f"{shots[-1]}.png"))
         except Exception:
             # What the browser showed when it failed, for the person reading the error.
             page.screenshot(path=str(SCREENSHOT_DIR / "failure.png"))
