@@ -29,7 +29,7 @@ from PIL import Image, ImageDraw
 
 from alignment.data import DEFAULT_CREATED_AT, write_pickapic_parquet
 
-__all__ = ["COLOURS", "SHAPES", "build_tiny_pickapic", "render_shape", "main"]
+__all__ = ["COLOURS", "SHAPES", "build_sharded_pickapic", "build_tiny_pickapic", "render_shape", "main"]
 
 COLOURS: dict[str, tuple[int, int, int]] = {
     "red": (210, 40, 40),
@@ -272,6 +272,98 @@ def build_tiny_pickapic(
     (out_dir / "README.md").write_text(_readme(summary))
     summary["total_bytes"] = sum(info["bytes"] for info in summary["splits"].values())
     return summary
+
+
+def _sharded_rows(shard_index: int, first_row: int, n_rows: int, image_size: int, rng: np.random.Generator) -> list[dict]:
+    """One shard's rows: every caption distinct, about 10% ties, about half with the winner second."""
+    combinations = [(colour, shape) for colour in COLOURS for shape in SHAPES]
+    tie_rows = _choose_rows(n_rows, TIE_FRACTION, rng)
+    size = (image_size, image_size)
+    rows = []
+    for offset in range(n_rows):
+        index = first_row + offset
+        colour, shape = combinations[int(rng.integers(len(combinations)))]
+        # Distinct captions, as in Pick-a-Pic (~500K distinct in 959K pairs): a prompt embedding per pair.
+        caption = f"a {colour} {shape}, scene {index}"
+        if offset in tie_rows:
+            label_0 = 0.5
+            jpg_0, jpg_1 = render_shape(colour, shape, size, rng), render_shape(colour, shape, size, rng)
+        else:
+            if rng.random() < 0.5:
+                wrong_colour, wrong_shape = _pick_other(list(COLOURS), colour, rng), shape
+            else:
+                wrong_colour, wrong_shape = colour, _pick_other(SHAPES, shape, rng)
+            good, bad = render_shape(colour, shape, size, rng), render_shape(wrong_colour, wrong_shape, size, rng)
+            winner_second = rng.random() < WINNER_SECOND_FRACTION
+            label_0 = 0.0 if winner_second else 1.0
+            jpg_0, jpg_1 = (bad, good) if winner_second else (good, bad)
+        ranking_id = SPLIT_RANKING_ID_BASE["train"] * 10 + index
+        rows.append(
+            {
+                "caption": caption,
+                "jpg_0": jpg_0,
+                "jpg_1": jpg_1,
+                "label_0": label_0,
+                "ranking_id": ranking_id,
+                "image_0_uid": f"tiny-{ranking_id}-0",
+                "image_1_uid": f"tiny-{ranking_id}-1",
+                "user_id": SIMULATED_USERS[int(rng.integers(len(SIMULATED_USERS)))],
+                "created_at": DEFAULT_CREATED_AT + timedelta(seconds=index),
+            }
+        )
+    return rows
+
+
+def build_sharded_pickapic(
+    out_dir: Path,
+    *,
+    n_pairs: int,
+    rows_per_shard: int,
+    image_size: int = 32,
+    seed: int = 0,
+    first_shard: int = 0,
+    total_shards: int | None = None,
+    show_progress: bool = False,
+) -> dict:
+    """Writes a synthetic Pick-a-Pic-schema train split of ``n_pairs`` rows in shards, for scale tests.
+
+    Shards are named like the hub's (``train-00003-of-00025.parquet``) and each
+    is drawn from its own random stream, so shard ``k`` is the same bytes
+    whatever the number of shards around it: adding a shard changes no other.
+    Every caption is distinct. Generated, not committed (100K pairs at 32 px
+    are about 200 MB).
+
+    Args:
+        out_dir: Destination directory.
+        n_pairs: Rows in total (the last shard may be smaller).
+        rows_per_shard: Rows per shard.
+        image_size: Side of the square images in pixels.
+        seed: Seed of everything random.
+        first_shard: Write only the shards from this one on (to add a shard to a set).
+        total_shards: The ``-of-`` count in the names; defaults to the shards ``n_pairs`` makes.
+        show_progress: Draw a progress bar.
+
+    Returns:
+        ``{"shards": [file names], "rows": n_pairs, "bytes": total size}``.
+    """
+    if n_pairs < 1 or rows_per_shard < 1:
+        raise ValueError(f"need n_pairs >= 1 and rows_per_shard >= 1, got {n_pairs}, {rows_per_shard}")
+    if image_size < 8:
+        raise ValueError(f"image_size must be at least 8, got {image_size}")
+    from tqdm.auto import tqdm
+
+    count = -(-n_pairs // rows_per_shard)
+    total = total_shards or count
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    names, size = [], 0
+    for shard in tqdm(range(first_shard, count), desc="writing shards", unit="shard", disable=not show_progress):
+        first_row = shard * rows_per_shard
+        rows = _sharded_rows(shard, first_row, min(rows_per_shard, n_pairs - first_row), image_size, np.random.default_rng([seed, 7, shard]))
+        file = write_pickapic_parquet(rows, out_dir / f"train-{shard:05d}-of-{total:05d}.parquet")
+        names.append(file.name)
+        size += file.stat().st_size
+    return {"shards": names, "rows": n_pairs, "bytes": size}
 
 
 def main(argv: Sequence[str] | None = None) -> dict:

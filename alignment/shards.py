@@ -1,0 +1,625 @@
+"""Pick-a-Pic at full size: the preference data as a list of shards, never as one table.
+
+Pick-a-Pic v2 is 959K pairs in a few hundred parquet shards (335 GB with the
+images); its SDXL latents are about 250 GB in fp16. Neither fits in one
+process, so the sharded data path handles one shard at a time, and every
+stage is a function of one shard that a cluster can run in parallel:
+
+* ``list_shards``: the parquet files of a split, each with its row count (from
+  the parquet footer, no data read) and a fingerprint;
+* ``plan_shards``: ``max_rows`` across shards (the first shards whole, the
+  last one cut), so small runs still read only what they use;
+* ``read_shard``: one shard as a frame, read as a stream of record batches
+  (``pyarrow.dataset``), with ``row_id`` as ``load_preference_frame`` gives it;
+* ``validate_shard``: the Great Expectations suite on one shard (stop or
+  quarantine as ``alignment.validation`` does); an unreadable shard is a
+  defect of its own that names the file; ``aggregate_validation`` merges the
+  shard reports into one, every failure naming its shard and row ids;
+* ``encode_shard``: one shard's winner-first pairs into a latent shard (an
+  ``EncodedPairs`` directory: safetensors + json, prompt embeddings of that
+  shard's captions only), written atomically;
+* ``ShardManifest``: the list of latent shards training streams from
+  (``alignment.streaming``);
+* ``build_latent_shards``: the whole path in one process, resumable: a latent
+  shard already written under the same key is not encoded again, so a killed
+  run encodes only the missing shards and a new shard encodes only itself.
+
+On a cluster the ZenML pipeline maps one step per shard over the shard list
+(``pipelines/sharded.py``); the library functions here are what those steps
+call, and what benchmarks and tests call without ZenML.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import uuid
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import pandas as pd
+import pyarrow as pa
+import pyarrow.dataset as ds
+import pyarrow.parquet as pq
+import torch
+from tqdm.auto import tqdm
+
+from alignment.config import ValidationConfig
+from alignment.data import REQUIRED_COLUMNS, PreferenceDataError, find_split_files, prepare_pairs
+from alignment.encoding import EncodedPairs, encode_pairs
+
+__all__ = [
+    "ShardInfo",
+    "ShardValidation",
+    "ShardManifest",
+    "LatentShard",
+    "ShardValidationError",
+    "shard_fingerprint",
+    "list_shards",
+    "plan_shards",
+    "read_shard",
+    "prepare_shard",
+    "validate_shard",
+    "aggregate_validation",
+    "encode_key",
+    "encode_shard",
+    "build_latent_shards",
+    "load_latent_shard",
+]
+
+MANIFEST_FILE = "manifest.json"
+SHARD_META = "latent_shard.json"
+"""Written into a latent shard's directory last, before it is moved into place: its presence means complete."""
+
+_FOOTER_BYTES = 1 << 16
+_READ_BATCH_ROWS = 1024
+_MAX_REPORT_ROWS = 50
+
+
+# --------------------------------------------------------------------------- #
+# Listing and reading
+# --------------------------------------------------------------------------- #
+
+
+@dataclass(frozen=True)
+class ShardInfo:
+    """One parquet shard of a split: where it is, how many rows, and what it holds (fingerprint)."""
+
+    name: str
+    path: str
+    rows: int
+    fingerprint: str
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> ShardInfo:
+        return cls(name=str(data["name"]), path=str(data["path"]), rows=int(data["rows"]), fingerprint=str(data["fingerprint"]))
+
+
+def shard_fingerprint(path: str | Path, mode: str = "footer") -> str:
+    """A content fingerprint of one parquet shard.
+
+    ``"content"`` hashes every byte (exact; reads the whole file). ``"footer"``
+    (the default) hashes the size and the last 64 KiB, which hold the parquet
+    footer: row counts, column chunk sizes and offsets, and min/max statistics.
+    Any rewrite of the data changes them, and it costs one small read per
+    shard, where hashing Pick-a-Pic's 335 GB would take the driver an hour.
+    """
+    file = Path(path)
+    digest = hashlib.sha256()
+    try:
+        size = file.stat().st_size
+        digest.update(f"{size}:".encode())
+        with file.open("rb") as handle:
+            if mode == "content":
+                for block in iter(lambda: handle.read(1 << 20), b""):
+                    digest.update(block)
+            elif mode == "footer":
+                handle.seek(max(0, size - _FOOTER_BYTES))
+                digest.update(handle.read())
+            else:
+                raise ValueError(f"fingerprint mode must be 'footer' or 'content', got {mode!r}")
+    except OSError as error:
+        raise PreferenceDataError(f"{file}: cannot be read for its fingerprint ({error})") from error
+    return digest.hexdigest()[:16]
+
+
+def list_shards(path: str | Path, split: str = "train", *, fingerprint: str = "footer") -> list[ShardInfo]:
+    """The parquet shards of ``split`` under ``path`` (``alignment.data.find_split_files``'s layouts), sorted by name.
+
+    Row counts come from each file's footer; no row is read. A shard whose
+    footer cannot be read is listed with ``rows = -1`` so validation can
+    quarantine or stop on it by name instead of failing the listing.
+
+    Raises:
+        PreferenceDataError: If nothing matches, or two shards share a file name
+            (their names key the latent shards).
+    """
+    files = find_split_files(path, split)
+    shards = []
+    for file in files:
+        try:
+            rows = pq.ParquetFile(file).metadata.num_rows
+        except (pa.ArrowException, OSError):
+            rows = -1
+        shards.append(ShardInfo(name=file.stem, path=str(file), rows=rows, fingerprint=shard_fingerprint(file, fingerprint)))
+    names = [s.name for s in shards]
+    repeated = sorted({n for n in names if names.count(n) > 1})
+    if repeated:
+        raise PreferenceDataError(f"{path}: several shards are named {repeated}; shard names must be unique")
+    return shards
+
+
+def plan_shards(shards: Sequence[ShardInfo], max_rows: int | None) -> list[tuple[ShardInfo, int | None]]:
+    """``(shard, rows to read or None for all)``: ``max_rows`` taken from the first shards on, the rest skipped."""
+    if max_rows is None:
+        return [(shard, None) for shard in shards]
+    if max_rows <= 0:
+        raise ValueError(f"max_rows must be positive or None, got {max_rows}")
+    plan, left = [], max_rows
+    for shard in shards:
+        if left <= 0:
+            break
+        take = left if shard.rows < 0 else min(left, shard.rows)
+        plan.append((shard, take if shard.rows < 0 or take < shard.rows else None))
+        left -= take
+    return plan
+
+
+def read_shard(shard: ShardInfo, *, max_rows: int | None = None, columns: Sequence[str] | None = None) -> pd.DataFrame:
+    """One shard's rows as a frame, read as a stream of record batches.
+
+    ``row_id`` is ``ranking_id`` when present, else ``<shard name>:<row index>``
+    (what ``load_preference_frame`` gives), so the row ids validation reports
+    are the ones a user finds in the file.
+
+    Raises:
+        PreferenceDataError: Naming the shard, when the file cannot be read or
+            lacks a required column.
+    """
+    file = Path(shard.path)
+    try:
+        dataset = ds.dataset(str(file), format="parquet")
+        names = dataset.schema.names
+        missing = [c for c in REQUIRED_COLUMNS if c not in names]
+        if missing:
+            raise PreferenceDataError(f"shard {shard.name} ({file}): missing required column(s) {missing} (columns: {names})")
+        wanted = None if columns is None else [c for c in names if c in set(columns) | set(REQUIRED_COLUMNS) | {"ranking_id"}]
+        batches, count = [], 0
+        for batch in dataset.to_batches(columns=wanted, batch_size=_READ_BATCH_ROWS):
+            batches.append(batch)
+            count += batch.num_rows
+            if max_rows is not None and count >= max_rows:
+                break
+        schema = dataset.schema if wanted is None else pa.schema([dataset.schema.field(c) for c in wanted])
+        table = pa.Table.from_batches(batches, schema=schema)
+    except PreferenceDataError:
+        raise
+    except (pa.ArrowException, OSError) as error:
+        raise PreferenceDataError(f"shard {shard.name} ({file}): cannot be read ({error})") from error
+    if max_rows is not None:
+        table = table.slice(0, max_rows)
+    from alignment.data import _table_to_frame  # the same row ids and image-struct flattening as the in-memory loader
+
+    return _table_to_frame(table, file)
+
+
+def data_options(data) -> dict:
+    """``prepare_pairs`` keyword arguments from a ``DataConfig`` (or anything with its fields)."""
+    return {
+        "drop_ties": data.drop_ties,
+        "require_has_label": data.require_has_label,
+        "require_are_different": data.require_are_different,
+    }
+
+
+def prepare_shard(frame: pd.DataFrame, options: dict, shard: ShardInfo) -> tuple[pd.DataFrame, dict]:
+    """Ties dropped, winner first, for one shard (``prepare_pairs``); an error names the shard."""
+    try:
+        return prepare_pairs(frame, **options)
+    except PreferenceDataError as error:
+        raise PreferenceDataError(f"shard {shard.name}: {error}") from error
+
+
+# --------------------------------------------------------------------------- #
+# Validation per shard
+# --------------------------------------------------------------------------- #
+
+
+@dataclass
+class ShardValidation:
+    """The suite's verdict on one shard; ``pairs`` are its winner-first pairs when it passed."""
+
+    shard: ShardInfo
+    passed: bool
+    mode: str
+    report: dict
+    pairs: pd.DataFrame | None = None
+    unreadable: str | None = None
+    """Why the shard could not be read at all; in quarantine mode the whole shard is then set aside."""
+
+    @property
+    def quarantined_shard(self) -> bool:
+        return self.unreadable is not None and self.mode == "quarantine"
+
+    def to_dict(self) -> dict:
+        return {"shard": self.shard.to_dict(), "passed": self.passed, "unreadable": self.unreadable, **self.report}
+
+
+def validate_shard(
+    shard: ShardInfo, options: dict, config: ValidationConfig, *, max_rows: int | None = None
+) -> ShardValidation:
+    """Run the GX suite on one shard; never raises for bad data, returns the verdict instead.
+
+    A shard that cannot be read is a failure named ``shard_readable``: in
+    ``stop`` mode it stops the run, in ``quarantine`` mode the shard is set
+    aside whole (and counted) and the other shards go on.
+    """
+    from alignment.validation import validate_preference_rows
+
+    try:
+        frame = read_shard(shard, max_rows=max_rows)
+    except PreferenceDataError as error:
+        passed = config.mode == "quarantine"
+        failure = {"check": "shard_readable", "message": str(error), "row_ids": []}
+        report = {"mode": config.mode, "failures": [] if passed else [failure], "quarantined": {}, "stats": {"rows": 0}}
+        if passed:
+            report["quarantined_shard"] = str(error)
+        return ShardValidation(shard, passed, config.mode, report, None, unreadable=str(error))
+    result = validate_preference_rows(frame, options, config)
+    report = result.to_dict()
+    report.pop("expectations", None)  # per-expectation detail stays in the shard's own report, not the aggregate
+    return ShardValidation(shard, result.passed, config.mode, report, result.pairs)
+
+
+class ShardValidationError(ValueError):
+    """Preference shards failed validation; the message names each shard, check and sample row ids."""
+
+    def __init__(self, aggregate: dict, source: str = "the preference data") -> None:
+        failed = [s for s in aggregate["failures"]]
+        lines = [f"{source} failed validation in {len({f['shard'] for f in failed})} shard(s); nothing was trained:"]
+        for failure in failed:
+            rows = failure.get("row_ids") or []
+            shown = f" (rows: {', '.join(map(str, rows[:5]))}{' ...' if len(rows) > 5 else ''})" if rows else ""
+            lines.append(f"  - shard {failure['shard']}: [{failure['check']}] {failure['message']}{shown}")
+        super().__init__("\n".join(lines))
+        self.report = aggregate
+
+
+def aggregate_validation(results: Sequence[ShardValidation | dict]) -> dict:
+    """One report from the shard reports: pass only if every shard passed; each failure names its shard."""
+    shards: dict[str, dict] = {}
+    failures: list[dict] = []
+    quarantined: dict[str, dict] = {}
+    quarantined_shards: dict[str, str] = {}
+    totals: dict[str, float] = {}
+    mode = "stop"
+    for result in results:
+        record = result.to_dict() if isinstance(result, ShardValidation) else result
+        name = record["shard"]["name"]
+        mode = record.get("mode", mode)
+        stats = record.get("stats", {})
+        shards[name] = {"passed": record["passed"], "fingerprint": record["shard"]["fingerprint"], "stats": stats}
+        for failure in record.get("failures", []):
+            failures.append({"shard": name, **failure})
+        for reason, entry in record.get("quarantined", {}).items():
+            merged = quarantined.setdefault(reason, {"count": 0, "row_ids": []})
+            merged["count"] += entry["count"]
+            room = _MAX_REPORT_ROWS - len(merged["row_ids"])
+            merged["row_ids"] += [f"{name}/{row}" for row in entry["row_ids"][: max(0, room)]]
+        if record.get("quarantined_shard"):
+            quarantined_shards[name] = record["quarantined_shard"]
+        for key, value in stats.items():
+            if isinstance(value, (int, float)) and not isinstance(value, bool) and key != "tie_ratio":
+                totals[key] = totals.get(key, 0) + value
+    return {
+        "passed": not failures and bool(shards) and len(quarantined_shards) < len(shards),
+        "mode": mode,
+        "shards": shards,
+        "failures": failures,
+        "quarantined": quarantined,
+        "quarantined_shards": quarantined_shards,
+        "stats": {"shards": len(shards), **totals},
+    }
+
+
+# --------------------------------------------------------------------------- #
+# Encoding one shard
+# --------------------------------------------------------------------------- #
+
+
+def encode_key(shard: ShardInfo, *parts: object) -> str:
+    """Identity of one latent shard: its source shard's fingerprint and everything that shapes the encoding."""
+    payload = json.dumps([shard.name, shard.fingerprint, *[_jsonable(p) for p in parts]], sort_keys=True, default=str)
+    return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+
+def _jsonable(value: object) -> object:
+    if hasattr(value, "model_dump"):
+        return value.model_dump(mode="json")
+    return value
+
+
+@dataclass(frozen=True)
+class LatentShard:
+    """One encoded shard in a manifest: where its ``EncodedPairs`` directory is, and what it holds."""
+
+    name: str
+    key: str
+    source_fingerprint: str
+    pairs: int
+    prompts: int
+    uri: str
+    stats: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> LatentShard:
+        return cls(**{k: data[k] for k in ("name", "key", "source_fingerprint", "pairs", "prompts", "uri")}, stats=dict(data.get("stats", {})))
+
+
+def _shard_dir(root: Path, name: str, key: str) -> Path:
+    return root / f"{name}-{key}"
+
+
+def load_latent_shard(uri: str | Path) -> EncodedPairs:
+    """The ``EncodedPairs`` of one latent shard directory (local path)."""
+    return EncodedPairs.load(uri)
+
+
+def completed_shard(directory: Path) -> LatentShard | None:
+    """The shard written at ``directory``, or None when it is absent or was never finished."""
+    meta = directory / SHARD_META
+    if not meta.is_file():
+        return None
+    return LatentShard.from_dict(json.loads(meta.read_text()))
+
+
+def write_latent_shard(encoded: EncodedPairs, directory: Path, entry: LatentShard) -> LatentShard:
+    """Write ``encoded`` to ``directory`` atomically: a hidden temporary directory, then one rename.
+
+    A run killed mid-write leaves only a ``.tmp`` directory, which nothing
+    reads and the next run removes (``remove_partial``).
+    """
+    directory = Path(directory)
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    temp = directory.parent / f".{directory.name}.{uuid.uuid4().hex}.tmp"
+    try:
+        encoded.save(temp)
+        (temp / SHARD_META).write_text(json.dumps(entry.to_dict()))
+        if directory.exists():  # an unfinished directory of the same name (no meta): replace it
+            shutil.rmtree(directory)
+        os.replace(temp, directory)
+    except BaseException:
+        shutil.rmtree(temp, ignore_errors=True)
+        raise
+    return entry
+
+
+def remove_partial(root: Path) -> list[str]:
+    """Delete temporary directories a killed run left in ``root``; returns their names."""
+    removed = []
+    if Path(root).is_dir():
+        for path in Path(root).glob(".*.tmp"):
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(path.name)
+    return removed
+
+
+def encode_shard(
+    pairs: pd.DataFrame,
+    components,
+    *,
+    shard: ShardInfo,
+    key: str,
+    out_dir: str | Path,
+    resolution: int,
+    batch_size: int = 8,
+    device: torch.device | str = "cpu",
+    storage_dtype: torch.dtype = torch.float32,
+    metadata: dict | None = None,
+    stats: dict | None = None,
+    show_progress: bool = False,
+) -> LatentShard:
+    """Encode one shard's winner-first pairs into ``out_dir/<name>-<key>`` (latents, prompt embeddings per shard)."""
+    encoded = encode_pairs(
+        pairs,
+        components,
+        resolution=resolution,
+        batch_size=batch_size,
+        device=device,
+        storage_dtype=storage_dtype,
+        show_progress=show_progress,
+    )
+    encoded.metadata = {**(metadata or {}), "shard": shard.to_dict(), "key": key}
+    directory = _shard_dir(Path(out_dir), shard.name, key)
+    entry = LatentShard(
+        name=shard.name,
+        key=key,
+        source_fingerprint=shard.fingerprint,
+        pairs=len(encoded),
+        prompts=int(encoded.prompt_embeds.shape[0]),
+        uri=str(directory),
+        stats=dict(stats or {}),
+    )
+    return write_latent_shard(encoded, directory, entry)
+
+
+# --------------------------------------------------------------------------- #
+# The manifest
+# --------------------------------------------------------------------------- #
+
+
+@dataclass
+class ShardManifest:
+    """The latent shards of one data set, in shard order: what streaming training reads."""
+
+    arch: str
+    resolution: int
+    shards: list[LatentShard]
+    metadata: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        names = [s.name for s in self.shards]
+        repeated = sorted({n for n in names if names.count(n) > 1})
+        if repeated:
+            raise ValueError(f"manifest lists shard(s) {repeated} more than once")
+
+    def __len__(self) -> int:
+        return sum(s.pairs for s in self.shards)
+
+    @property
+    def shard_sizes(self) -> list[int]:
+        return [s.pairs for s in self.shards]
+
+    def fingerprint(self) -> str:
+        """Identity of the data training reads: every shard's key, in order (a key covers its content)."""
+        payload = json.dumps([self.arch, self.resolution, [(s.name, s.key, s.pairs) for s in self.shards]])
+        return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+    def to_dict(self) -> dict:
+        return {
+            "arch": self.arch,
+            "resolution": self.resolution,
+            "shards": [s.to_dict() for s in self.shards],
+            "metadata": self.metadata,
+            "fingerprint": self.fingerprint(),
+            "pairs": len(self),
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict) -> ShardManifest:
+        return cls(
+            arch=data["arch"],
+            resolution=int(data["resolution"]),
+            shards=[LatentShard.from_dict(s) for s in data["shards"]],
+            metadata=dict(data.get("metadata", {})),
+        )
+
+    def save(self, directory: str | Path) -> Path:
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        temp = directory / f".{MANIFEST_FILE}.{uuid.uuid4().hex}.tmp"
+        temp.write_text(json.dumps(self.to_dict(), indent=1))
+        os.replace(temp, directory / MANIFEST_FILE)
+        return directory
+
+    @classmethod
+    def load(cls, directory: str | Path) -> ShardManifest:
+        file = Path(directory) / MANIFEST_FILE
+        if not file.is_file():
+            raise FileNotFoundError(f"{directory}: no {MANIFEST_FILE}; write one with ShardManifest.save")
+        return cls.from_dict(json.loads(file.read_text()))
+
+    def summary(self) -> dict:
+        return {
+            "arch": self.arch,
+            "resolution": self.resolution,
+            "shards": len(self.shards),
+            "pairs": len(self),
+            "distinct_prompts": sum(s.prompts for s in self.shards),
+            "fingerprint": self.fingerprint(),
+        }
+
+
+# --------------------------------------------------------------------------- #
+# The whole path in one process (benchmarks, tests, a single machine)
+# --------------------------------------------------------------------------- #
+
+
+@dataclass
+class BuildResult:
+    manifest: ShardManifest
+    validation: dict | None
+    encoded: list[str]
+    """Names of the shards this call encoded (the others were found complete)."""
+    skipped: list[str]
+
+
+def build_latent_shards(
+    shards: Sequence[ShardInfo],
+    components,
+    out_dir: str | Path,
+    *,
+    options: dict,
+    validation: ValidationConfig | None,
+    resolution: int,
+    key_parts: Sequence[object] = (),
+    max_rows: int | None = None,
+    batch_size: int = 8,
+    device: torch.device | str = "cpu",
+    storage_dtype: torch.dtype = torch.float32,
+    on_shard_done: Callable[[LatentShard], None] | None = None,
+    show_progress: bool = True,
+) -> BuildResult:
+    """Validate and encode every shard that is not encoded yet, then write the manifest.
+
+    A latent shard is complete when ``out_dir/<name>-<key>/latent_shard.json``
+    exists, ``key`` covering the source shard's fingerprint, ``key_parts``
+    (model, encoding settings) and the row limit. Complete shards are not read
+    again; the validation report of the shards validated in this call is
+    returned (``None`` entries for the skipped ones keep their earlier verdict).
+
+    With ``validation=None`` the GX suite is skipped (``prepare_pairs`` still
+    drops ties and puts winners first): for data validated beforehand.
+
+    Raises:
+        ShardValidationError: In ``stop`` mode, after every shard was checked,
+            naming each failing shard, check and sample row ids.
+    """
+    out = Path(out_dir)
+    remove_partial(out)
+    plan = plan_shards(shards, max_rows)
+    results: list[ShardValidation] = []
+    entries: list[LatentShard] = []
+    encoded_names, skipped = [], []
+    arch = getattr(components, "arch", None)
+    for shard, rows in tqdm(plan, desc="shards", unit="shard", disable=not show_progress):
+        key = encode_key(shard, rows, options, validation, *key_parts)
+        done = completed_shard(_shard_dir(out, shard.name, key))
+        if done is not None:
+            entries.append(done)
+            skipped.append(shard.name)
+            continue
+        if validation is not None:
+            verdict = validate_shard(shard, options, validation, max_rows=rows)
+            results.append(verdict)
+            if not verdict.passed:
+                continue
+            if verdict.pairs is None:  # a quarantined unreadable shard
+                continue
+            pairs, stats = verdict.pairs, verdict.report.get("stats", {})
+        else:
+            pairs, stats = prepare_shard(read_shard(shard, max_rows=rows), options, shard)
+        entry = encode_shard(
+            pairs,
+            components,
+            shard=shard,
+            key=key,
+            out_dir=out,
+            resolution=resolution,
+            batch_size=batch_size,
+            device=device,
+            storage_dtype=storage_dtype,
+            stats={k: v for k, v in stats.items() if isinstance(v, (int, float))},
+        )
+        del pairs
+        entries.append(entry)
+        encoded_names.append(shard.name)
+        if on_shard_done is not None:
+            on_shard_done(entry)
+    report = aggregate_validation(results) if results else None
+    if report is not None and report["failures"]:
+        raise ShardValidationError(report)
+    if not entries:
+        raise PreferenceDataError(f"{out}: no shard left to train on (all quarantined or empty)")
+    manifest = ShardManifest(arch=arch or "unknown", resolution=resolution, shards=entries)
+    manifest.save(out)
+    return BuildResult(manifest, report, encoded_names, skipped)
