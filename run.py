@@ -5,6 +5,7 @@
     python run.py --pipeline dpo_sdxl --config my.yaml --no-cache
     python run.py --pipeline dpo_sdxl --profile tiny --data /path/to/my/pickapic_parquet
     python run.py --pipeline promote --model dpo_sdxl --to staging      # gates: configs/promote.yaml
+    python run.py --pipeline evaluate --candidate PATH_OR_HUB_ID        # a checkpoint / LoRA vs its base, no training
     python run.py --replay RUN_ID [--from train_alignment]              # replay an earlier run
 
 This file parses the flags. The configuration (layering, validation,
@@ -14,6 +15,7 @@ before ZenML is imported; running, replaying and recording is ``pipelines/runs.p
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
@@ -86,6 +88,11 @@ def _help() -> str:
     metavar="VERSION",
     help="promote: the version (default: latest to staging, the staging version to production)",
 )
+@click.option(
+    "--candidate",
+    metavar="PATH_OR_HUB_ID",
+    help="evaluate: the LoRA, UNet or diffusers checkpoint to compare with its base (parameters.candidate.source)",
+)
 @click.option("--replay", "replay_run", metavar="RUN_ID", help="replay an earlier pipeline run (id, name or id prefix)")
 @click.option(
     "--from",
@@ -114,6 +121,7 @@ def main(
     model_name: str | None,
     target: str | None,
     model_version: str | None,
+    candidate: str | None,
     replay_run: str | None,
     from_step: str | None,
     track: bool,
@@ -131,6 +139,7 @@ def main(
                 ("--model", model_name),
                 ("--to", target),
                 ("--snapshot", snapshot_name),
+                ("--candidate", candidate),
             )
             if value
         ]
@@ -154,6 +163,12 @@ def main(
             raise click.UsageError("--track applies to training pipelines, not to --pipeline promote")
     elif any(promotion.values()):
         raise click.UsageError("--model, --to and --version only apply to --pipeline promote")
+    if candidate and pipeline_name != "evaluate":
+        raise click.UsageError("--candidate only applies to --pipeline evaluate")
+    if pipeline_name == "evaluate" and data_path:
+        raise click.UsageError("--data does not apply to --pipeline evaluate (its prompts: parameters.evaluation)")
+    if candidate:
+        overrides = (*overrides, f"parameters.candidate.source={json.dumps(candidate)}")
 
     config, resolved = configuration.prepare(
         pipeline_name,

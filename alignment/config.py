@@ -91,37 +91,132 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-class EvalConfig(BaseModel):
-    """Held-out evaluation: which prompts, how many seeds, how to sample, who scores."""
+EVAL_PROMPT_SETS = (
+    "toyworld_heldout",
+    "toyworld_validation",
+    "list",
+    "pickapic",
+    "partiprompts",
+    "hpdv2",
+    "file",
+)
+# Scorers that are not reward models of the registry (alignment.rewards): the toy
+# world's ground truth, and none (samples and grid only).
+EVAL_SPECIAL_SCORERS = ("toy_oracle", "none")
+
+
+class EvalScorer(BaseModel):
+    """One scorer of the evaluation table: a registered reward model (or the toy oracle) and how to load it.
+
+    Written as a plain name (``pickscore``) or a mapping (``{name: pickscore, source: /models/pickscore}``).
+    """
 
     model_config = ConfigDict(extra="forbid")
 
-    scorer: Literal["toy_oracle", "none"] = Field(
-        "toy_oracle", description="toy_oracle: the toy world's ground truth; none: samples and grid only"
+    name: str = Field(..., description="pickscore, hpsv21, imagereward, laion_aesthetic, clip_score, toy_reward, toy_oracle")
+    source: str | None = Field(None, description="hub id (cached) or local path; None = the published default")
+    options: dict = Field(default_factory=dict, description="scorer-specific options, e.g. {raw_cosine: true}")
+    batch_size: int | None = Field(None, ge=1, description="images per forward pass; None = evaluation.batch_size")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _from_name(cls, value):
+        return {"name": value} if isinstance(value, str) else value
+
+    @model_validator(mode="after")
+    def _known(self) -> EvalScorer:
+        _check_eval_scorer(self.name, allow_none=False)
+        return self
+
+
+def _check_eval_scorer(name: str, *, allow_none: bool) -> None:
+    from alignment.rewards import available_scorers
+
+    known = [*(s for s in EVAL_SPECIAL_SCORERS if allow_none or s != "none"), *available_scorers()]
+    if name not in known:
+        raise ValueError(f"unknown scorer {name!r}; known: {', '.join(known)}")
+
+
+class EvalConfig(BaseModel):
+    """Held-out evaluation: which prompts, how many seeds, how to sample, who scores.
+
+    ``scorer`` is the primary scorer: its numbers are the report's top-level keys
+    (``win_rate_vs_base``, ``oracle_reward_mean``, ...) that the promotion gates
+    read. ``scorers`` adds more to the table (each with mean, median and win rate
+    vs base on the same (prompt, seed) grid); with ``scorer: none`` the first of
+    them is the primary.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    scorer: str = Field(
+        "toy_oracle",
+        description="primary scorer: toy_oracle (the toy world's ground truth), a registered reward scorer "
+        "(pickscore, hpsv21, imagereward, laion_aesthetic, clip_score, toy_reward), or none",
     )
-    prompt_set: Literal["toyworld_heldout", "toyworld_validation", "list"] = Field(
+    scorers: list[EvalScorer] = Field(
+        default_factory=list, description="the scorer table: names or {name, source, options, batch_size}"
+    )
+    prompt_set: Literal[EVAL_PROMPT_SETS] = Field(
         "toyworld_heldout",
         description="toyworld_heldout: the 48 test prompts results are reported on; "
-        "toyworld_validation: the 24 prompts methods are tuned on; list: evaluation.prompts",
+        "toyworld_validation: the 24 prompts methods are tuned on; list: evaluation.prompts; "
+        "pickapic: unique captions of a Pick-a-Pic split (prompt_path: the dataset dir); "
+        "partiprompts / hpdv2 / file: prompts read from prompt_path (tsv, csv, json, jsonl, txt)",
     )
     prompts: list[str] = Field(default_factory=list, description="used when prompt_set is 'list'")
+    prompt_path: str | None = Field(
+        None, description="pickapic: the dataset directory; partiprompts, hpdv2, file: the prompt file"
+    )
+    prompt_split: str | None = Field(
+        None,
+        description="pickapic: the split (default test); partiprompts: a Category; hpdv2: a style "
+        "(anime, concept-art, paintings, photo); None: all",
+    )
+    max_prompts: int | None = Field(None, ge=1, description="the first N prompts of the set (in file order)")
     seeds_per_prompt: int = Field(8, ge=1)
     seed_offset: int = Field(10_000, ge=0, description="evaluation seeds never overlap the data's seeds")
     num_inference_steps: int = Field(25, ge=1)
     guidance_scale: float = Field(3.0, ge=1.0)
     batch_size: int = Field(32, ge=1)
     grid_columns: int = Field(12, ge=1)
+    device: str = Field("auto", description="where base and aligned are sampled; auto: cuda when there is one, else cpu")
+    scorer_device: str = Field("auto", description="where the scorers run; auto: cuda when there is one, else cpu")
+    scorer_dtype: Literal["float32", "float16", "bfloat16"] = "float32"
+    resume_dir: str | None = Field(
+        None,
+        description="keep samples and scores here (per model and protocol) so a crashed evaluation resumes "
+        "without re-sampling; None: in memory only",
+    )
+
+    @model_validator(mode="after")
+    def _check(self) -> EvalConfig:
+        _check_eval_scorer(self.scorer, allow_none=True)
+        if self.prompt_set in ("partiprompts", "hpdv2", "file") and not self.prompt_path:
+            raise ValueError(f"evaluation.prompt_set {self.prompt_set!r} reads its prompts from prompt_path; set it")
+        return self
+
+    def primary_scorer(self) -> str:
+        """The scorer whose numbers are the report's top-level keys ("none" when there is no scorer)."""
+        if self.scorer != "none" or not self.scorers:
+            return self.scorer
+        return self.scorers[0].name
+
+    def scorer_table(self) -> list[EvalScorer]:
+        """Every scorer of the table, the primary first, each once."""
+        table: dict[str, EvalScorer] = {}
+        primary = self.primary_scorer()
+        if primary != "none":
+            given = [spec for spec in self.scorers if spec.name == primary]
+            table[primary] = given[0] if given else EvalScorer(name=primary)
+        for spec in self.scorers:
+            table.setdefault(spec.name, spec)
+        return list(table.values())
 
     def prompt_list(self) -> list[str]:
-        if self.prompt_set == "list":
-            if not self.prompts:
-                raise ValueError("evaluation.prompt_set is 'list' but evaluation.prompts is empty")
-            return list(self.prompts)
-        from alignment.toyworld.world import split_scenes
+        from alignment.evaluation.prompt_sets import load_prompt_set
 
-        split = split_scenes()
-        scenes = split.validation if self.prompt_set == "toyworld_validation" else split.test
-        return [scene.prompt for scene in scenes]
+        return load_prompt_set(self).prompts
 
 
 class RewardConfig(BaseModel):

@@ -54,6 +54,13 @@ class EvalReport:
     prompts: int
     seeds_per_prompt: int
     extra: dict = field(default_factory=dict)
+    oracle_reward_median: float | None = None
+    oracle_reward_base_median: float | None = None
+    primary_scorer: str | None = None
+    scorers: dict = field(default_factory=dict)
+    """Per scorer of the table: mean, median (aligned and base), win rate vs base with its CI, ..."""
+    protocol: dict = field(default_factory=dict)
+    """The pinned protocol: sampler, steps, CFG, resolution, seeds, prompt set and split, statistics."""
 
     def to_dict(self) -> dict:
         out = asdict(self)
@@ -62,27 +69,38 @@ class EvalReport:
 
 
 @contextmanager
-def aligned_weights(pipeline, weights_dir: str | Path | None) -> Iterator[None]:
-    """Temporarily turn a base pipeline into the aligned one (LoRA or full UNet)."""
+def aligned_weights(pipeline, weights_dir: str | Path | None, weight_name: str | None = None) -> Iterator[None]:
+    """Temporarily turn a base pipeline into the aligned one (LoRA or full UNet).
+
+    ``weights_dir`` holds a diffusers LoRA (``pytorch_lora_weights.safetensors``, or
+    ``weight_name``), a ``unet/`` directory (a fully fine-tuned UNet, or a whole
+    diffusers pipeline whose UNet is used), or is itself a UNet directory.
+    """
     if weights_dir is None:
         yield
         return
     weights_dir = Path(weights_dir)
-    if (weights_dir / LORA_WEIGHTS_FILE).is_file():
-        pipeline.load_lora_weights(str(weights_dir))
+    lora_file = weight_name or LORA_WEIGHTS_FILE
+    if (weights_dir / lora_file).is_file():
+        pipeline.load_lora_weights(str(weights_dir), **({"weight_name": weight_name} if weight_name else {}))
         try:
             yield
         finally:
             pipeline.unload_lora_weights()
-    elif (weights_dir / "unet").is_dir():
+        return
+    unet_dir = weights_dir / "unet" if (weights_dir / "unet").is_dir() else weights_dir
+    if (unet_dir / "config.json").is_file() and any(unet_dir.glob("diffusion_pytorch_model*")):
         base_unet = pipeline.unet
-        pipeline.unet = UNet2DConditionModel.from_pretrained(weights_dir / "unet").to(base_unet.device, base_unet.dtype)
+        pipeline.unet = UNet2DConditionModel.from_pretrained(unet_dir).to(base_unet.device, base_unet.dtype)
         try:
             yield
         finally:
             pipeline.unet = base_unet
-    else:
-        raise FileNotFoundError(f"{weights_dir} holds neither {LORA_WEIGHTS_FILE} nor a unet/ directory")
+        return
+    raise FileNotFoundError(
+        f"{weights_dir} holds neither {lora_file} (a LoRA) nor a UNet (unet/ or config.json with "
+        "diffusion_pytorch_model weights)"
+    )
 
 
 @torch.no_grad()
@@ -441,12 +459,20 @@ def toy_oracle_reward_fn() -> RewardFn:
 
 
 def reward_function(scorer_name: str) -> RewardFn | None:
-    """The reward an ``EvalConfig.scorer`` names; None for ``"none"``."""
+    """The reward a scorer name stands for (published default weights); None for ``"none"``."""
     if scorer_name == "toy_oracle":
         return toy_oracle_reward_fn()
     if scorer_name == "none":
         return None
-    raise ValueError(f"evaluation.scorer {scorer_name!r} is not one of 'toy_oracle', 'none'")
+    from alignment.rewards import available_scorers, load_scorer
+
+    if scorer_name not in available_scorers():
+        raise ValueError(
+            f"evaluation.scorer {scorer_name!r} is not 'toy_oracle', 'none' or a registered scorer "
+            f"({', '.join(available_scorers())})"
+        )
+    scorer = load_scorer(scorer_name)
+    return scorer.score
 
 
 def sampling_config(evaluation: EvalConfig, resolution: int) -> SamplingConfig:
@@ -458,6 +484,72 @@ def sampling_config(evaluation: EvalConfig, resolution: int) -> SamplingConfig:
     )
 
 
+# --------------------------------------------------------------------------- the configured evaluation
+
+WIN_RATE_RULE = (
+    "paired per (prompt, seed): aligned beats base = 1, tie = 0.5; "
+    "95% CI: percentile bootstrap over prompts, 2000 resamples, seed 0"
+)
+
+
+def evaluation_protocol_record(
+    evaluation: EvalConfig, prompt_set, resolution: int | None, sampler: str | None = None
+) -> dict:
+    """What an evaluation measured, pinned: the report states it and two reports compare by it."""
+    offset, count = evaluation.seed_offset, evaluation.seeds_per_prompt
+    return {
+        "sampler": sampler,
+        "num_inference_steps": evaluation.num_inference_steps,
+        "guidance_scale": evaluation.guidance_scale,
+        "resolution": resolution,
+        "seeds_per_prompt": count,
+        "seed_offset": offset,
+        "seeds": f"{offset}..{offset + count - 1} for every prompt (one CPU generator per image)",
+        "prompt_set": prompt_set.describe(),
+        "primary_scorer": evaluation.primary_scorer(),
+        "scorers": [spec.name for spec in evaluation.scorer_table()],
+        "statistics": ["mean", "median"],
+        "win_rate": WIN_RATE_RULE,
+    }
+
+
+def _sample_model(
+    pipeline,
+    weights_dir: str | Path | None,
+    prompts: Sequence[str],
+    seeds: Sequence[int],
+    config: SamplingConfig,
+    stored,
+    *,
+    label: str,
+    weight_name: str | None,
+    show_progress: bool,
+) -> list[Image.Image]:
+    """One model's images on the grid; with a store, only the images not on disk yet are sampled (and saved)."""
+    if stored is None:
+        with aligned_weights(pipeline, weights_dir, weight_name):
+            return sample_images(pipeline, prompts, seeds, config, desc=f"sampling {label}", show_progress=show_progress)
+    missing = stored.missing()
+    if missing:
+        if len(missing) < len(prompts):
+            logger.info("%s: resuming, %d of %d images already sampled", label, len(prompts) - len(missing), len(prompts))
+        with aligned_weights(pipeline, weights_dir, weight_name):
+            chunks = [missing[i : i + config.batch_size] for i in range(0, len(missing), config.batch_size)]
+            for chunk in tqdm(chunks, desc=f"sampling {label}", disable=not show_progress):
+                images = sample_images(
+                    pipeline, [prompts[i] for i in chunk], [seeds[i] for i in chunk], config, show_progress=False
+                )
+                for index, image in zip(chunk, images, strict=True):
+                    stored.save_image(index, image)
+    return [stored.load_image(i) for i in range(len(prompts))]
+
+
+def _scorer_key(spec, dtype: str) -> str:
+    from alignment.evaluation.store import digest
+
+    return f"{spec.name}-{digest({'source': spec.source, 'options': spec.options, 'dtype': dtype})}"
+
+
 def evaluate_config(
     components: DiffusionComponents,
     weights_dir: str | Path | None,
@@ -466,43 +558,138 @@ def evaluate_config(
     *,
     show_progress: bool = True,
     with_samples: bool = True,
+    model_identity: dict | None = None,
+    weight_name: str | None = None,
 ) -> EvalResult:
-    """``evaluate_against_base`` as configured by an ``EvalConfig`` (what the step and benchmarks run).
+    """Sample base and aligned on the configured grid and score both with every scorer of the table.
 
-    With the toy oracle the report also carries the share of samples whose
-    four attributes are all right (``all_correct_rate`` / ``_base``). With
-    ``with_samples`` the result carries the per-image rows of both models
-    (rewards and image embeddings, see :func:`samples_frame`).
+    The report's top-level numbers are the primary scorer's (``evaluation.primary_scorer()``);
+    ``report.scorers`` holds every scorer's row (mean, median, win rate vs base with its CI)
+    and ``report.protocol`` the pinned protocol. With the toy oracle in the table the
+    report also carries the share of samples whose four attributes are all right
+    (``extra.all_correct_rate`` / ``_base``). With ``with_samples`` the result carries the
+    per-image rows of both models (primary rewards and image embeddings, see
+    :func:`samples_frame`).
+
+    With ``evaluation.resume_dir`` (and ``model_identity``, e.g. the base ``ModelSpec``
+    dumped), samples and scores are kept on disk per model and protocol and a rerun
+    samples and scores only what is missing.
     """
-    prompts = evaluation.prompt_list()
-    result = _sample_and_score_pair(
-        components,
-        weights_dir,
-        prompts,
-        evaluation.seeds_per_prompt,
-        reward_function(evaluation.scorer),
-        sampling_config(evaluation, resolution),
-        evaluation.seed_offset,
-        show_progress,
+    from alignment.evaluation.prompt_sets import load_prompt_set
+    from alignment.evaluation.scoring import open_scorer, score_statistics
+    from alignment.evaluation.store import EvalStore, weights_digest
+
+    prompt_set = load_prompt_set(evaluation)
+    prompts = prompt_set.prompts
+    flat_prompts, flat_seeds = evaluation_grid(prompts, evaluation.seeds_per_prompt, evaluation.seed_offset)
+    config = sampling_config(evaluation, resolution)
+    from alignment.evaluation.scoring import resolve_device
+
+    pipeline = components.to_pipeline()
+    pipeline.set_progress_bar_config(disable=True)
+    device = resolve_device(evaluation.device)
+    if device != "cpu":
+        pipeline.to(device)  # the noise still comes from one CPU generator per image
+    protocol = evaluation_protocol_record(evaluation, prompt_set, resolution, type(pipeline.scheduler).__name__)
+
+    stores = (None, None)
+    if evaluation.resume_dir and model_identity is None:
+        logger.warning("evaluation.resume_dir is set but the base model is not identified; not resuming")
+    elif evaluation.resume_dir:
+        sampled = {k: protocol[k] for k in ("sampler", "num_inference_steps", "guidance_scale", "resolution")}
+        store = EvalStore(
+            evaluation.resume_dir,
+            {**sampled, "prompts_sha256": prompt_set.sha256, "seeds": [evaluation.seed_offset, evaluation.seeds_per_prompt]},
+            len(flat_prompts),
+        )
+        aligned_identity = {
+            "base": model_identity,
+            "weights": None if weights_dir is None else weights_digest(weights_dir),
+            "weight_name": weight_name,
+        }
+        stores = (store.model({"base": model_identity}), store.model(aligned_identity))
+        logger.info("evaluation samples and scores are kept in %s", store.root)
+
+    common = {"show_progress": show_progress}
+    base_images = _sample_model(
+        pipeline, None, flat_prompts, flat_seeds, config, stores[0], label="base", weight_name=None, **common
     )
-    report = result.report
-    if evaluation.scorer == "toy_oracle":
+    aligned_images = _sample_model(
+        pipeline, weights_dir, flat_prompts, flat_seeds, config, stores[1], label="aligned",
+        weight_name=weight_name, **common,
+    )
+    del pipeline
+
+    primary = evaluation.primary_scorer()
+    table: dict[str, dict] = {}
+    rewards: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+    embedding: tuple[str, np.ndarray, np.ndarray] | None = None
+    for spec in tqdm(evaluation.scorer_table(), desc="scoring", disable=not show_progress):
+        key = _scorer_key(spec, evaluation.scorer_dtype)
+        cached = [None if s is None else s.scores(key) for s in stores]
+        wants_embedding = with_samples and spec.name == primary and spec.name != "toy_oracle"
+        metadata = {"name": spec.name, "source": spec.source}
+        if any(c is None for c in cached) or wants_embedding:
+            with open_scorer(
+                spec, batch_size=evaluation.batch_size, device=evaluation.scorer_device, dtype=evaluation.scorer_dtype
+            ) as loaded:
+                metadata = loaded.metadata
+                scored = [
+                    c if c is not None else loaded.score(images, flat_prompts)
+                    for c, images in zip(cached, (base_images, aligned_images), strict=True)
+                ]
+                if wants_embedding and getattr(loaded.model, "has_image_embeddings", False):
+                    embed = loaded.model.image_embeddings
+                    embedding = (
+                        spec.name,
+                        embed(base_images).float().cpu().numpy(),
+                        embed(aligned_images).float().cpu().numpy(),
+                    )
+            for s, values in zip(stores, scored, strict=True):
+                if s is not None:
+                    s.save_scores(key, values)
+        else:
+            scored = cached
+        base_rewards, aligned_rewards = (np.asarray(v, dtype=np.float64) for v in scored)
+        rewards[spec.name] = (base_rewards, aligned_rewards)
+        table[spec.name] = {**score_statistics(aligned_rewards, base_rewards, flat_prompts), "scorer": metadata}
+
+    report = EvalReport(
+        None, None, None, None, len(flat_prompts), len(prompts), evaluation.seeds_per_prompt,
+        primary_scorer=None if primary == "none" else primary, scorers=table, protocol=protocol,
+    )
+    base_primary = aligned_primary = None
+    if primary in table:
+        row = table[primary]
+        report.win_rate_vs_base = row["win_rate_vs_base"]
+        report.win_rate_ci95 = tuple(row["win_rate_ci95"])
+        report.oracle_reward_mean, report.oracle_reward_base_mean = row["mean"], row["base_mean"]
+        report.oracle_reward_median, report.oracle_reward_base_median = row["median"], row["base_median"]
+        base_primary, aligned_primary = rewards[primary]
+    if "toy_oracle" in table:
         from alignment.toyworld.oracle import Oracle
 
         oracle = Oracle.load()
-        for suffix, images in (("", result.aligned_images), ("_base", result.base_images)):
-            scores = oracle.score(images, result.prompts)
+        for suffix, images in (("", aligned_images), ("_base", base_images)):
+            scores = oracle.score(images, flat_prompts)
             report.extra[f"all_correct_rate{suffix}"] = float(scores.all_correct.float().mean())
             for attribute, correct in scores.attribute_correct.items():
                 report.extra[f"{attribute}_correct_rate{suffix}"] = float(correct.float().mean())
+    result = EvalResult(
+        report, base_images, aligned_images, flat_prompts, flat_seeds, base_primary, aligned_primary
+    )
     if with_samples:
-        source, embed = image_embedder(evaluation.scorer)
+        if embedding is not None:
+            source, base_embedded, aligned_embedded = embedding
+        else:
+            source, embed = image_embedder("toy_oracle" if primary == "toy_oracle" else "none")
+            base_embedded, aligned_embedded = embed(base_images), embed(aligned_images)
         result.samples = pd.concat(
             [
-                samples_frame(label, result.prompts, result.seeds, rewards, embed(images), source)
-                for label, rewards, images in (
-                    (BASE_LABEL, result.base_rewards, result.base_images),
-                    (ALIGNED_LABEL, result.aligned_rewards, result.aligned_images),
+                samples_frame(label, flat_prompts, flat_seeds, values, embedded, source)
+                for label, values, embedded in (
+                    (BASE_LABEL, base_primary, base_embedded),
+                    (ALIGNED_LABEL, aligned_primary, aligned_embedded),
                 )
             ],
             ignore_index=True,
@@ -521,9 +708,11 @@ def sample_model_frame(
 ) -> pd.DataFrame:
     """Per-image rows of one model on the evaluation grid (e.g. the production version a candidate is compared with).
 
-    Same prompts, seeds, sampler, scorer and embedding as :func:`evaluate_config`,
+    Same prompts, seeds, sampler, primary scorer and embedding as :func:`evaluate_config`,
     so its rows line up with an ``eval_samples`` frame row for row.
     """
+    from alignment.evaluation.scoring import open_scorer
+
     prompts, seeds = evaluation_grid(evaluation.prompt_list(), evaluation.seeds_per_prompt, evaluation.seed_offset)
     pipeline = components.to_pipeline()
     pipeline.set_progress_bar_config(disable=True)
@@ -536,9 +725,20 @@ def sample_model_frame(
             desc=f"sampling {label}",
             show_progress=show_progress,
         )
-    reward_fn = reward_function(evaluation.scorer)
-    rewards = None if reward_fn is None else reward_fn(images, prompts).float().cpu().numpy()
-    source, embed = image_embedder(evaluation.scorer)
+    primary = evaluation.primary_scorer()
+    if primary == "none":
+        source, embed = image_embedder("none")
+        return samples_frame(label, prompts, seeds, None, embed(images), source)
+    spec = evaluation.scorer_table()[0]
+    with open_scorer(
+        spec, batch_size=evaluation.batch_size, device=evaluation.scorer_device, dtype=evaluation.scorer_dtype
+    ) as loaded:
+        rewards = loaded.score(images, prompts)
+        if primary != "toy_oracle" and getattr(loaded.model, "has_image_embeddings", False):
+            return samples_frame(
+                label, prompts, seeds, rewards, loaded.model.image_embeddings(images).float().cpu().numpy(), primary
+            )
+    source, embed = image_embedder("toy_oracle" if primary == "toy_oracle" else "none")
     return samples_frame(label, prompts, seeds, rewards, embed(images), source)
 
 

@@ -10,6 +10,16 @@ versions' artifacts), a decision out that names every gate with its numbers.
   production version, and its mean reward on those prompts is not lower than
   production's by more than ``max_regression``. With no production version
   yet, the comparison gates pass and say so.
+
+**Gates per scorer** (``scorer_gates`` in ``configs/promote.yaml``) read the
+scorer table of ``eval_report["scorers"]``: ``win_rate_vs_base[<scorer>]`` on
+the way to staging, ``no_regression[<scorer>]`` (the scorer's mean against
+production's, same scorer weights) on the way to production. A scorer the
+version was not evaluated with is skipped (the gate passes and says so) unless
+the gate is ``required``.
+
+A version made by ``--pipeline evaluate`` (a given checkpoint, no training data
+of ours) has no validation report; its validation gate passes and says why.
 """
 
 from __future__ import annotations
@@ -27,11 +37,28 @@ PROTOCOL_KEYS = (
     "scorer",
     "prompt_set",
     "prompts",
+    "prompt_path",
+    "prompt_split",
+    "max_prompts",
     "seeds_per_prompt",
     "seed_offset",
     "num_inference_steps",
     "guidance_scale",
 )
+
+
+class ScorerGate(BaseModel):
+    """Thresholds on one scorer of the evaluation table."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    min_win_rate_vs_base: float | None = Field(
+        None, ge=0.0, description="staging: the aligned model must beat its base this often under this scorer"
+    )
+    max_regression: float | None = Field(
+        None, ge=0.0, description="production: largest allowed drop of this scorer's mean vs production"
+    )
+    required: bool = Field(False, description="fail (instead of skip) when the version was not scored by it")
 
 
 class PromotionConfig(BaseModel):
@@ -50,6 +77,9 @@ class PromotionConfig(BaseModel):
     )
     max_regression: float = Field(
         0.0, ge=0.0, description="production: largest allowed drop of mean reward vs the current production version"
+    )
+    scorer_gates: dict[str, ScorerGate] = Field(
+        default_factory=dict, description="per scorer of eval_report.scorers: its own thresholds"
     )
 
 
@@ -70,6 +100,10 @@ class VersionMetrics:
     samples: int | None = None
     evaluation: dict[str, Any] | None = None
     """The evaluation protocol (see :func:`evaluation_protocol`); None when unknown."""
+    scorers: dict[str, dict[str, Any]] = field(default_factory=dict)
+    """``eval_report["scorers"]``: per scorer its mean, median, win rate vs base, ..."""
+    evaluation_only: bool = False
+    """Made by ``--pipeline evaluate`` (a given checkpoint): no training data to validate."""
 
     @property
     def label(self) -> str:
@@ -121,6 +155,10 @@ class PromotionDecision:
 def evaluation_protocol(evaluation: dict[str, Any], resolution: int | None) -> dict[str, Any]:
     """The part of an evaluation config that decides what is measured, plus the sampling resolution."""
     protocol = {key: evaluation.get(key) for key in PROTOCOL_KEYS}
+    if protocol.get("scorer") == "none" and evaluation.get("scorers"):
+        # The primary scorer: the first of the table when `scorer` is none.
+        first = evaluation["scorers"][0]
+        protocol["scorer"] = first if isinstance(first, str) else first.get("name")
     if protocol.get("prompt_set") != "list":
         protocol["prompts"] = None  # a named prompt set fixes the prompts; the list is unused
     protocol["resolution"] = resolution
@@ -133,6 +171,8 @@ def _fmt(value: float | None) -> str:
 
 
 def _validation_gate(candidate: VersionMetrics) -> Gate:
+    if candidate.validation_passed is None and candidate.evaluation_only:
+        return Gate("validation", True, f"{candidate.label} is an evaluation-only version (no training data to validate)")
     if candidate.validation_passed is None:
         return Gate("validation", False, f"{candidate.label} has no validation_report artifact")
     if not candidate.validation_passed:
@@ -161,9 +201,57 @@ def _win_rate_gate(candidate: VersionMetrics, threshold: float) -> Gate:
     return Gate("win_rate_vs_base", False, f"{detail} < {threshold:.4f} required")
 
 
+def _scorer_win_rate_gate(candidate: VersionMetrics, scorer: str, gate: ScorerGate) -> Gate:
+    name = f"win_rate_vs_base[{scorer}]"
+    threshold = gate.min_win_rate_vs_base
+    row = candidate.scorers.get(scorer)
+    if row is None or row.get("win_rate_vs_base") is None:
+        scored = ", ".join(candidate.scorers) or "none"
+        if gate.required:
+            return Gate(name, False, f"{candidate.label} was not scored by {scorer} (its scorers: {scored}); required")
+        return Gate(name, True, f"skipped: {candidate.label} was not scored by {scorer} (its scorers: {scored})")
+    rate, ci = row["win_rate_vs_base"], row.get("win_rate_ci95")
+    detail = f"{scorer} win rate vs base {rate:.4f}"
+    if ci:
+        detail += f" (95% CI {ci[0]:.4f}-{ci[1]:.4f}, {row.get('samples')} samples)"
+    if rate >= threshold:
+        return Gate(name, True, f"{detail} >= {threshold:.4f} required")
+    return Gate(name, False, f"{detail} < {threshold:.4f} required")
+
+
 def staging_decision(candidate: VersionMetrics, config: PromotionConfig) -> PromotionDecision:
-    gates = (_validation_gate(candidate), _win_rate_gate(candidate, config.min_win_rate_vs_base))
-    return PromotionDecision(candidate.model, candidate.version, "staging", gates)
+    gates = [_validation_gate(candidate), _win_rate_gate(candidate, config.min_win_rate_vs_base)]
+    for scorer, gate in config.scorer_gates.items():
+        if gate.min_win_rate_vs_base is not None:
+            gates.append(_scorer_win_rate_gate(candidate, scorer, gate))
+    return PromotionDecision(candidate.model, candidate.version, "staging", tuple(gates))
+
+
+def _scorer_regression_gate(
+    candidate: VersionMetrics, production: VersionMetrics, scorer: str, gate: ScorerGate, same: bool
+) -> Gate:
+    name = f"no_regression[{scorer}]"
+    ours, theirs = candidate.scorers.get(scorer), production.scorers.get(scorer)
+    if ours is None or theirs is None:
+        missing = candidate.label if ours is None else f"production ({production.label})"
+        if gate.required:
+            return Gate(name, False, f"{missing} was not scored by {scorer}; required")
+        return Gate(name, True, f"skipped: {missing} was not scored by {scorer}")
+    if not same:
+        return Gate(name, False, "not compared: the two versions were not evaluated on the same protocol")
+    weights = [(row.get("scorer") or {}).get("source") for row in (ours, theirs)]
+    if weights[0] != weights[1]:
+        return Gate(
+            name, False, f"not compared: {scorer} weights differ ({weights[0]!r} vs {weights[1]!r} in production)"
+        )
+    drop = theirs["mean"] - ours["mean"]
+    numbers = (
+        f"{scorer} mean {_fmt(ours['mean'])} ({candidate.label}) vs {_fmt(theirs['mean'])} "
+        f"(production, {production.label}): drop {_fmt(drop)}"
+    )
+    if drop <= gate.max_regression:
+        return Gate(name, True, f"{numbers} <= tolerance {_fmt(gate.max_regression)}")
+    return Gate(name, False, f"{numbers} > tolerance {_fmt(gate.max_regression)}")
 
 
 def _protocol_differences(candidate: dict[str, Any], production: dict[str, Any]) -> list[str]:
@@ -242,6 +330,9 @@ def production_decision(
             gates.append(Gate("no_regression", True, f"{numbers} <= tolerance {_fmt(config.max_regression)}"))
         else:
             gates.append(Gate("no_regression", False, f"{numbers} > tolerance {_fmt(config.max_regression)}"))
+    for scorer, gate in config.scorer_gates.items():
+        if gate.max_regression is not None:
+            gates.append(_scorer_regression_gate(candidate, production, scorer, gate, same))
     return PromotionDecision(candidate.model, candidate.version, "production", tuple(gates))
 
 

@@ -16,9 +16,10 @@ def __getattr__(name: str):
 
         quiet.apply()  # steps run in-process: the same terminal policy as run.py's
         from pipelines.alignment import TRAINING_PIPELINES
+        from pipelines.evaluate import evaluate
         from pipelines.promote import promote
         from pipelines.richpo import RICHPO
         from pipelines.style import style_alignment
 
-        return {**TRAINING_PIPELINES, "promote": promote, "style_alignment": style_alignment, **RICHPO}
+        return {**TRAINING_PIPELINES, "promote": promote, "evaluate": evaluate, "style_alignment": style_alignment, **RICHPO}
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -17,9 +17,11 @@ from alignment.train_config import TrainConfig
 ARCHES = ("sdxl", "sd15")
 ARCH_LABELS = {"sdxl": "SDXL", "sd15": "Stable Diffusion 1.5"}
 STYLE_PIPELINE = "style_alignment"
+EVALUATE_PIPELINE = "evaluate"
 RICHPO_PIPELINES = {"richpo_sdxl": "sdxl", "richpo_sd15": "sd15"}
 OTHER_PIPELINES = {
     "promote": "move a registered model version to staging or production behind gates",
+    EVALUATE_PIPELINE: "evaluate a checkpoint or LoRA against its base model (the scorer table), without training",
     STYLE_PIPELINE: "style alignment (Diffusion-RPO's second evaluation): any method on style pairs, style report",
     **{
         name: f"Rich-PO: critique and edit base samples into pairs, then Diffusion-DPO, {ARCH_LABELS[arch]}"
@@ -57,6 +59,13 @@ def parameter_models(name: str) -> dict[str, type[BaseModel]]:
     """The typed parameters of training pipeline ``name``: the common ones and its method's."""
     method, _arch = training_pipelines()[name]
     return {**REQUIRED_PARAMETERS, **get_method(method).pipeline_parameters, **DEFAULTED_PARAMETERS}
+
+
+def evaluate_parameter_models() -> dict[str, type[BaseModel]]:
+    """``--pipeline evaluate``: the candidate, its base model and the evaluation protocol."""
+    from alignment.evaluation.candidate import CandidateSpec
+
+    return {"candidate": CandidateSpec, "model": ModelSpec, "evaluation": EvalConfig}
 
 
 def _pair_making_sections() -> dict[str, dict[str, type[BaseModel]]]:

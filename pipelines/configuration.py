@@ -27,9 +27,11 @@ import yaml
 from pydantic import BaseModel, ValidationError
 
 from pipelines.catalog import (
+    EVALUATE_PIPELINE,
     REQUIRED_PARAMETERS,
     RICHPO_PIPELINES,
     STYLE_PIPELINE,
+    evaluate_parameter_models,
     makes_pairs,
     pair_making_parameter_models,
     parameter_models,
@@ -103,8 +105,9 @@ def _profile_overlays(pipeline_name: str, profile: str, config: dict[str, Any]) 
     method = pipeline_method(pipeline_name, config)
     if method is None:
         # Parameters and step settings describe training; the other pipelines only
-        # take the stack-wide settings (e.g. the Docker image of a remote stack).
-        return [{k: v for k, v in overlay.items() if k == "settings"}]
+        # take the stack-wide settings (e.g. the Docker image of a remote stack)
+        # and their own `pipelines: <name>:` section.
+        return [{k: v for k, v in overlay.items() if k == "settings"}, per_pipeline]
     # A profile applies to every pipeline; its `methods:` section only to
     # pipelines of that method (e.g. the reward model only matters to SmPO),
     # its `pipelines:` section only to the pipeline of that name.
@@ -143,13 +146,13 @@ def set_data_path(config: dict[str, Any], data_path: Path) -> None:
     config.setdefault("parameters", {}).setdefault("data", {})["path"] = str(path)
 
 
-def enable_tracking(config: dict[str, Any]) -> None:
+def enable_tracking(config: dict[str, Any], pipeline_name: str | None = None) -> None:
     """``--track``: the stack's experiment tracker for the training and evaluation steps.
 
     ``true`` means the active stack's tracker, whatever its name; the run fails
     with ZenML's message when the stack has none.
     """
-    for step in TRACKED_STEPS:
+    for step in ("evaluate_alignment",) if pipeline_name == EVALUATE_PIPELINE else TRACKED_STEPS:
         config.setdefault("steps", {}).setdefault(step, {})["experiment_tracker"] = True
 
 
@@ -167,6 +170,8 @@ def _other_parameter_models(pipeline_name: str) -> dict[str, type[BaseModel]] | 
         from alignment.promotion import PromotionConfig
 
         return {"promotion": PromotionConfig}
+    if pipeline_name == EVALUATE_PIPELINE:
+        return evaluate_parameter_models()
     return None  # a pipeline this module does not know: ZenML validates its parameters
 
 
@@ -329,6 +334,9 @@ def preflight(pipeline_name: str, config: dict[str, Any]) -> None:
     part of the load step's parameters, hence of its cache key.
     """
     style_pipeline = pipeline_name == STYLE_PIPELINE
+    if pipeline_name == EVALUATE_PIPELINE:
+        _preflight_evaluate(config)
+        return
     if pipeline_name not in training_pipelines() and not makes_pairs(pipeline_name):
         return
     from alignment.config import DataConfig
@@ -357,6 +365,7 @@ def preflight(pipeline_name: str, config: dict[str, Any]) -> None:
                 "`dvc commit` (or `dvc repro`) versions what is on disk"
             )
 
+    _preflight_prompts(params, hint)
     spec = ModelSpec(**params.get("model", {}))
     try:
         check_model_available(spec)
@@ -366,6 +375,31 @@ def preflight(pipeline_name: str, config: dict[str, Any]) -> None:
                 f"{error}\nThe model hub is not reachable from this machine.\n{hint}"
             ) from error
         click.echo(f"note: {spec.pretrained} is not cached locally; it will be downloaded from the hub")
+
+
+def _preflight_prompts(params: dict[str, Any], hint: str) -> None:
+    """The evaluation's prompt set is readable now, not after hours of training."""
+    from alignment.config import EvalConfig
+
+    try:
+        EvalConfig(**params.get("evaluation", {})).prompt_list()
+    except (ValueError, FileNotFoundError) as error:
+        raise ConfigurationError(f"evaluation prompts: {error}\n{hint}") from error
+
+
+def _preflight_evaluate(config: dict[str, Any]) -> None:
+    """``--pipeline evaluate``: the base model and the candidate's weights are on this machine."""
+    from alignment.evaluation.candidate import CandidateSpec, resolve_candidate
+    from alignment.models import ModelNotAvailableError, ModelSpec, check_model_available
+
+    params = config.get("parameters") or {}
+    hint = "To run the embedded default instead: python run.py --pipeline evaluate --profile tiny"
+    _preflight_prompts(params, hint)
+    try:
+        check_model_available(ModelSpec(**params.get("model", {})))
+        resolve_candidate(CandidateSpec(**params.get("candidate", {})))
+    except (ModelNotAvailableError, FileNotFoundError) as error:
+        raise ConfigurationError(f"{error}\n{hint}") from error
 
 
 # --- the resolved file -------------------------------------------------------
@@ -392,7 +426,7 @@ def prepare(
     """Everything before ZenML: resolve, apply the flags, validate, preflight, save. Returns (config, file)."""
     config = resolve_config(pipeline_name, config_path, profile, overrides)
     if track:
-        enable_tracking(config)
+        enable_tracking(config, pipeline_name)
     if promotion is not None:
         set_promotion(config, **promotion)
     if data_path is not None:

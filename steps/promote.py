@@ -64,6 +64,8 @@ def version_metrics(version: ModelVersionResponse) -> VersionMetrics:
         reward_base_mean=report.get("oracle_reward_base_mean"),
         samples=report.get("samples"),
         evaluation=evaluation,
+        scorers=dict(report.get("scorers") or {}),
+        evaluation_only="candidate" in (report.get("extra") or {}),
     )
 
 
@@ -98,7 +100,7 @@ def promote_model(promotion: PromotionConfig) -> Annotated[dict, ArtifactConfig(
     decision = decide(candidate, production, promotion)
     record = {
         **decision.to_dict(),
-        "thresholds": promotion.model_dump(include={"min_win_rate_vs_base", "max_regression"}),
+        "thresholds": promotion.model_dump(include={"min_win_rate_vs_base", "max_regression", "scorer_gates"}),
     }
     log_metadata({f"promotion/{promotion.to}": record}, model_version_id=candidate_version.id)
     if not decision.approved:
