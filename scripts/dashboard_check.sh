@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # End-to-end dashboard check: starts a private local ZenML server, runs the tiny
-# dpo_sdxl pipeline twice against it, and drives the dashboard in headless
-# Chromium (log in, run, DAG, cached step, sample grid). ~5 min on 2 CPU cores.
-# Screenshots: outputs/dashboard/*.png. Your own ZenML config is not touched.
+# dpo_sdxl pipeline twice against it, checks the summary run.py prints, and drives
+# the dashboard in headless Chromium (log in, run, DAG, cached step, sample grid,
+# the reports the summary names). ~2 min on a quiet 2-core machine; CI runs the same
+# test (.ci/run). Screenshots and run.py's output: outputs/dashboard/. Your own
+# ZenML config is not touched.
 #
 # Needs: Debian's chromium (apt-get install -y chromium) and playwright
 # (pip install --require-hashes --no-deps -r requirements/test.lock, see README).

@@ -11,7 +11,8 @@ open the dashboard and get past the first-visit account form, open the run
 from the URL run.py printed, see every recorded step and artifact in the DAG,
 open a cached step, a re-run step, the sample grid and every report the
 summary names (HTML reports in their frame, whatever else as its preview).
-Screenshots go to ``outputs/dashboard/`` (``failure.png`` when it fails).
+Screenshots go to ``outputs/dashboard/`` (``failure.png`` when it fails), with what
+run.py printed (``run_1.log``, ``run_2.log``).
 
 CI runs it (``.ci/run`` installs Debian's ``chromium``; playwright is in
 requirements/test.lock): it runs when ``CI=true``, ``ALIGNMENT_BROWSER_TESTS=1``
@@ -199,6 +200,10 @@ def two_runs(local_server):
         timeout=1200,
         what="run.py dpo_sdxl (beta changed)",
     )
+    # What run.py printed, for the person reading a failure (or the step timings).
+    SCREENSHOT_DIR.mkdir(parents=True, exist_ok=True)
+    for index, out in enumerate((first, second), start=1):
+        (SCREENSHOT_DIR / f"run_{index}.log").write_text(out)
     urls = [DASHBOARD_RUN_URL.search(out) for out in (first, second)]
     assert all(urls), f"run.py did not print a dashboard URL for the run:\n{second[-3000:]}"
     for step in CACHED_ON_RERUN:
