@@ -48,6 +48,7 @@ import torch
 from accelerate import Accelerator
 from diffusers.optimization import get_scheduler
 from pydantic import BaseModel
+from torch.profiler import record_function
 from tqdm.auto import tqdm
 
 from alignment import checkpoints
@@ -65,6 +66,8 @@ logger = logging.getLogger(__name__)
 
 # Random streams of the recipe; a method's own draws use other stream numbers.
 _ORDER, _CAPTION_DROPOUT, _NOISE, _TIMESTEPS = 0, 1, 2, 3
+# Precomputed reference (``reference_draws``): the fixed draws, each visit's slot, each draw's noise.
+_FIXED_DRAWS, _DRAW_SLOT, _DRAW_NOISE = 11, 12, 13
 
 
 @dataclass
@@ -97,6 +100,16 @@ class TrainResult:
         }
 
 
+def _lora_layers(unet: torch.nn.Module) -> list[torch.nn.Module]:
+    """peft's adapter layers of ``unet`` whose adapters are all enabled (empty: use the public toggle)."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    layers = [m for m in unet.modules() if isinstance(m, BaseTunerLayer)]
+    if not layers or any(getattr(m, "_disable_adapters", None) is not False for m in layers):
+        return []
+    return layers
+
+
 def _generator(seed: int, micro_index: int, stream: int) -> torch.Generator:
     return torch.Generator(device="cpu").manual_seed(derived_seed(seed, micro_index, stream))
 
@@ -109,6 +122,32 @@ class PairErrors:
     policy_l: torch.Tensor
     ref_w: torch.Tensor
     ref_l: torch.Tensor
+
+
+@dataclass
+class PrecomputedReference:
+    """Reference errors of K fixed draws per pair (``TrainConfig.reference_draws``), computed once.
+
+    A draw is a timestep, a caption-dropout decision and a noise tensor (regenerated from its own
+    seed, not stored: for SDXL it would be 256 KB per draw); winner and loser share it, as always.
+    """
+
+    timesteps: torch.Tensor  # int64 [N, K]
+    drop: torch.Tensor  # bool [N, K]
+    errors_w: torch.Tensor  # float32 [N, K]
+    errors_l: torch.Tensor  # float32 [N, K]
+    seed: int
+
+    @property
+    def draws(self) -> int:
+        return int(self.timesteps.shape[1])
+
+    def noise(self, pairs: torch.Tensor, slots: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
+        rows = []
+        for pair, slot in zip(pairs.tolist(), slots.tolist(), strict=True):
+            generator = _generator(self.seed, pair * self.draws + slot, _DRAW_NOISE)
+            rows.append(torch.randn(shape, generator=generator))
+        return torch.stack(rows)
 
 
 class TrainingStep:
@@ -130,6 +169,9 @@ class TrainingStep:
         self._global_batch = self.config.train_batch_size * accelerator.num_processes
         size = self.config.train_batch_size
         self._mine = slice(self._rank * size, (self._rank + 1) * size)
+        # (pair indices, draw slots) of this process's pairs when the reference is precomputed.
+        self._draws: tuple[torch.Tensor, torch.Tensor] | None = trainer._current_draws
+        self._used_draws = False
 
     @property
     def num_processes(self) -> int:
@@ -179,7 +221,15 @@ class TrainingStep:
 
     def forward_noised_pairs(self, batch: PairBatch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``(x_t, target, timesteps)`` of ``[winners; losers]``, with t and noise shared within a pair."""
-        noise, timesteps = self.shared_noise(batch.latents_w)
+        table = self._trainer.precomputed_reference
+        if self._draws is not None and table is not None:
+            # One of each pair's fixed draws, whose reference errors are already known (pair_errors).
+            pairs, slots = self._draws
+            noise = table.noise(pairs, slots, tuple(batch.latents_w.shape[1:])).to(self._device)
+            timesteps = table.timesteps[pairs, slots].to(self._device)
+            self._used_draws = True
+        else:
+            noise, timesteps = self.shared_noise(batch.latents_w)
         timesteps = torch.cat([timesteps, timesteps])
         noisy, target = self.noised(batch.pair_latents(), torch.cat([noise, noise]), timesteps)
         return noisy, target, timesteps
@@ -204,10 +254,19 @@ class TrainingStep:
     ) -> PairErrors:
         """Policy (with grad) and reference (no grad) errors on ``[winners; losers]`` in one forward each."""
         noisy = noisy.to(self._trainer.weight_dtype)
-        policy_w, policy_l = per_sample_mse(self.policy_prediction(noisy, timesteps, conditioning), target).chunk(2)
-        with self._trainer.reference() as reference, self._trainer.accelerator.autocast():
-            reference_prediction = predict_noise(reference, noisy, timesteps, *conditioning)
-        ref_w, ref_l = per_sample_mse(reference_prediction, target).chunk(2)
+        with record_function("train/policy_forward"):
+            policy_prediction = self.policy_prediction(noisy, timesteps, conditioning)
+        policy_w, policy_l = per_sample_mse(policy_prediction, target).chunk(2)
+        if self._used_draws:
+            table = self._trainer.precomputed_reference
+            pairs, slots = self._draws
+            ref_w = table.errors_w[pairs, slots].to(self._device)
+            ref_l = table.errors_l[pairs, slots].to(self._device)
+            return PairErrors(policy_w, policy_l, ref_w, ref_l)
+        with record_function("train/reference_forward"):
+            with self._trainer.reference() as reference, self._trainer.accelerator.autocast():
+                reference_prediction = predict_noise(reference, noisy, timesteps, *conditioning)
+            ref_w, ref_l = per_sample_mse(reference_prediction, target).chunk(2)
         return PairErrors(policy_w, policy_l, ref_w, ref_l)
 
 
@@ -253,9 +312,13 @@ class PreferenceTrainer:
         self.show_progress = show_progress
         self.log_fn = log_fn
         self.on_step_end = on_step_end
+        if config.reference_draws is not None and not self.method.uses_reference:
+            raise ValueError(f"reference_draws is set but method {config.method!r} uses no reference model")
         self.step = 0
         self.history: list[dict[str, float]] = []
         self.resumed_from_step: int | None = None
+        self.precomputed_reference: PrecomputedReference | None = None
+        self._current_draws: tuple[torch.Tensor, torch.Tensor] | None = None
 
     # -- setup ---------------------------------------------------------------
 
@@ -286,11 +349,18 @@ class PreferenceTrainer:
                 self.reference_unet.requires_grad_(False).eval()
         if config.gradient_checkpointing:
             unet.enable_gradient_checkpointing()
+        if config.channels_last:
+            unet.to(memory_format=torch.channels_last)
         unet.train()
+        self._module = unet  # the bare UNet: parameter names, adapters, saving
+        self._lora_layers = _lora_layers(unet) if config.finetune == "lora" else []
 
         params = [p for p in unet.parameters() if p.requires_grad]
         self.trainable_parameter_count = sum(p.numel() for p in params)
         self.optimizer = self._make_optimizer(params)
+        if config.compile_unet:
+            # After LoRA and before prepare: DDP wraps the compiled module; the bare one keeps its names.
+            unet = torch.compile(unet, mode=None if config.compile_mode == "default" else config.compile_mode)
         self.lr_scheduler = get_scheduler(
             config.lr_scheduler,
             optimizer=self.optimizer,
@@ -300,10 +370,60 @@ class PreferenceTrainer:
         self.unet, self.optimizer = accelerator.prepare(unet, self.optimizer)
         self.noise_scheduler = self.components.noise_scheduler
         self.noise_scheduler.alphas_cumprod = self.noise_scheduler.alphas_cumprod.to(device)
+        if config.reference_draws is not None:
+            # Before any step (and again on resume: it is a pure function of the seed and the base model).
+            self.precomputed_reference = self._precompute_reference(config.reference_draws)
         self._resume_if_possible()
+
+    @torch.no_grad()
+    def _precompute_reference(self, draws: int) -> PrecomputedReference:
+        """Reference errors of ``draws`` fixed draws for every pair, as ``TrainingStep.pair_errors`` computes them."""
+        config = self.config
+        count = len(self.inputs)
+        generator = _generator(config.seed, 0, _FIXED_DRAWS)
+        timesteps = torch.randint(0, self.noise_scheduler.config.num_train_timesteps, (count, draws), generator=generator)
+        drop = torch.rand(count, draws, generator=generator) < config.caption_dropout
+        table = PrecomputedReference(
+            timesteps=timesteps,
+            drop=drop,
+            errors_w=torch.empty(count, draws),
+            errors_l=torch.empty(count, draws),
+            seed=config.seed,
+        )
+        device = self.accelerator.device
+        for slot in range(draws):
+            for start in range(0, count, config.train_batch_size):
+                pairs = torch.arange(start, min(start + config.train_batch_size, count))
+                slots = torch.full_like(pairs, slot)
+                batch = gather_batch(self.inputs, pairs.tolist(), drop[pairs, slot], device, self.weight_dtype)
+                noise = table.noise(pairs, slots, tuple(batch.latents_w.shape[1:])).to(device)
+                t = timesteps[pairs, slot].to(device)
+                noisy, target = noisy_latents_and_target(
+                    self.noise_scheduler, batch.pair_latents(), torch.cat([noise, noise]), torch.cat([t, t])
+                )
+                with self.reference() as reference, self.accelerator.autocast():
+                    prediction = predict_noise(
+                        reference, noisy.to(self.weight_dtype), torch.cat([t, t]), *batch.pair_conditioning()
+                    )
+                errors_w, errors_l = per_sample_mse(prediction, target).cpu().chunk(2)
+                table.errors_w[pairs, slot] = errors_w
+                table.errors_l[pairs, slot] = errors_l
+        return table
 
     def _make_optimizer(self, params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
         config = self.config
+        if config.optimizer == "adamw8bit":
+            if self.accelerator.device.type != "cuda":
+                raise ValueError("optimizer adamw8bit (bitsandbytes) needs a CUDA device; use adamw on CPU")
+            import bitsandbytes
+
+            return bitsandbytes.optim.AdamW8bit(
+                params,
+                lr=config.learning_rate,
+                betas=(config.adam_beta1, config.adam_beta2),
+                eps=config.adam_epsilon,
+                weight_decay=config.weight_decay,
+            )
         if config.optimizer == "adafactor":
             from transformers.optimization import Adafactor
 
@@ -317,16 +437,21 @@ class PreferenceTrainer:
                 clip_threshold=1.0,
                 weight_decay=config.weight_decay,
             )
+        # The unfused CPU AdamW runs ~10 small kernels per LoRA tensor (hundreds per step), which is
+        # most of the step's overhead beyond the UNet on a small model; fused is one pass per step.
+        fused = config.fused_optimizer and all(p.device.type in ("cpu", "cuda") and p.is_floating_point() for p in params)
         return torch.optim.AdamW(
             params,
             lr=config.learning_rate,
             betas=(config.adam_beta1, config.adam_beta2),
             eps=config.adam_epsilon,
             weight_decay=config.weight_decay,
+            fused=fused or None,
         )
 
     @property
     def bare_unet(self) -> torch.nn.Module:
+        """The UNet to call outside the gradient path (compiled if ``compile_unet``, never DDP-wrapped)."""
         return self.accelerator.unwrap_model(self.unet)
 
     @contextmanager
@@ -335,6 +460,17 @@ class PreferenceTrainer:
         with torch.no_grad():
             if self.reference_unet is not None:
                 yield self.reference_unet
+            elif self._lora_layers:
+                # The same switch peft's disable_adapters flips, on the layers found once at setup:
+                # under no_grad the requires_grad bookkeeping of the public toggle (a walk over every
+                # module and parameter, twice, ~16 ms per step on the toy UNet) is not needed.
+                for layer in self._lora_layers:
+                    layer._disable_adapters = True
+                try:
+                    yield self.bare_unet
+                finally:
+                    for layer in self._lora_layers:
+                        layer._disable_adapters = False
             else:
                 unet = self.bare_unet
                 with adapters_disabled(unet):
@@ -343,7 +479,8 @@ class PreferenceTrainer:
     # -- checkpoints ---------------------------------------------------------
 
     def _trainable(self) -> dict[str, torch.nn.Parameter]:
-        return {name: p for name, p in self.bare_unet.named_parameters() if p.requires_grad}
+        # The bare module's names: a compiled wrapper would prefix them with ``_orig_mod.``.
+        return {name: p for name, p in self._module.named_parameters() if p.requires_grad}
 
     def _resume_if_possible(self) -> None:
         if self.accelerator.is_main_process:
@@ -397,12 +534,20 @@ class PreferenceTrainer:
         config, accelerator = self.config, self.accelerator
         global_batch = config.train_batch_size * accelerator.num_processes
         indices = self.batches.global_batch(micro_index, global_batch)
-        drop = torch.rand(global_batch, generator=_generator(config.seed, micro_index, _CAPTION_DROPOUT))
-        drop = drop < config.caption_dropout
         mine = slice(
             accelerator.process_index * config.train_batch_size,
             (accelerator.process_index + 1) * config.train_batch_size,
         )
+        table = self.precomputed_reference
+        if table is not None:
+            # Each visit uses one of the pair's fixed draws, caption dropout included.
+            pairs = torch.tensor(indices, dtype=torch.int64)
+            slots = torch.randint(0, table.draws, (global_batch,), generator=_generator(config.seed, micro_index, _DRAW_SLOT))
+            drop = table.drop[pairs, slots]
+            self._current_draws = (pairs[mine], slots[mine])
+        else:
+            drop = torch.rand(global_batch, generator=_generator(config.seed, micro_index, _CAPTION_DROPOUT))
+            drop = drop < config.caption_dropout
         return gather_batch(self.inputs, indices[mine], drop[mine], accelerator.device, self.weight_dtype)
 
     def _optimizer_step(self) -> dict[str, float]:
@@ -411,20 +556,30 @@ class PreferenceTrainer:
         totals: dict[str, float] = {}
         for micro in range(accum):
             micro_index = self.step * accum + micro
-            batch = self.micro_batch(micro_index)
+            with record_function("train/batch"):
+                batch = self.micro_batch(micro_index)
             # Gradients are only all-reduced on the last micro-batch.
             sync = accelerator.no_sync(self.unet) if micro < accum - 1 else nullcontext()
             with sync:
-                out: LossOutput = self.method.loss(TrainingStep(self, micro_index), batch)
-                accelerator.backward(out.loss / accum)
+                with record_function("train/loss"):
+                    step = TrainingStep(self, micro_index)
+                    out: LossOutput = self.method.loss(step, batch)
+                if self.precomputed_reference is not None and not step._used_draws:
+                    raise ValueError(
+                        f"reference_draws needs a method that forward-noises pairs; {config.method!r} with these "
+                        "options makes its own x_t (e.g. smpo's inversion): unset reference_draws"
+                    )
+                with record_function("train/backward"):
+                    accelerator.backward(out.loss / accum)
             for key, value in out.metrics.items():
                 totals[key] = totals.get(key, 0.0) + value / accum
-        if config.max_grad_norm is not None:
-            norm = accelerator.clip_grad_norm_(self.unet.parameters(), config.max_grad_norm)
-            totals["train/grad_norm"] = float(norm)
-        self.optimizer.step()
-        self.lr_scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
+        with record_function("train/optimizer"):
+            if config.max_grad_norm is not None:
+                norm = accelerator.clip_grad_norm_(self.unet.parameters(), config.max_grad_norm)
+                totals["train/grad_norm"] = float(norm)
+            self.optimizer.step()
+            self.lr_scheduler.step()
+            self.optimizer.zero_grad(set_to_none=True)
         totals["train/lr"] = float(self.lr_scheduler.get_last_lr()[0])
         return totals
 
@@ -479,7 +634,7 @@ class PreferenceTrainer:
 
     @property
     def trained_unet(self) -> torch.nn.Module:
-        return self.accelerator.unwrap_model(self.unet)
+        return self._module
 
 
 def train_alignment(

@@ -35,7 +35,14 @@ class TrainConfig(BaseModel):
     train_batch_size: int = Field(1, ge=1, description="pairs per process per micro-batch")
     gradient_accumulation_steps: int = Field(1, ge=1)
     max_grad_norm: float | None = Field(1.0, gt=0)
-    optimizer: Literal["adamw", "adafactor"] = "adamw"
+    optimizer: Literal["adamw", "adafactor", "adamw8bit"] = Field(
+        "adamw", description="adamw8bit: bitsandbytes' 8-bit AdamW (CUDA only), the diffusers recipe's memory saver"
+    )
+    fused_optimizer: bool = Field(
+        True,
+        description="AdamW as torch's fused kernel (CPU and CUDA): the same update up to float rounding, "
+        "with one kernel per step instead of ~10 per parameter (tests/test_train_throughput_exact.py)",
+    )
     adam_beta1: float = 0.9
     adam_beta2: float = 0.999
     adam_epsilon: float = 1e-8
@@ -48,7 +55,30 @@ class TrainConfig(BaseModel):
         description="data-parallel workers (GPUs, or CPU processes with gloo); the global batch is "
         "train_batch_size x num_processes x gradient_accumulation_steps. >1 runs through alignment.launch",
     )
-    gradient_checkpointing: bool = False
+    gradient_checkpointing: bool = Field(
+        False, description="recompute UNet activations in backward: less memory, one more forward's compute"
+    )
+    compile_unet: bool = Field(
+        False,
+        description="torch.compile the UNet (inductor; needs a C++ compiler on CPU). The first steps pay "
+        "for compilation, once per adapter state (policy, reference)",
+    )
+    compile_mode: Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] = Field(
+        "default",
+        description="torch.compile mode; on CUDA max-autotune-no-cudagraphs (CUDA graphs do not survive the "
+        "adapter toggle of the LoRA reference)",
+    )
+    channels_last: bool = Field(
+        False, description="UNet weights and activations in channels-last layout (faster convolutions on most GPUs)"
+    )
+    reference_draws: int | None = Field(
+        None,
+        ge=1,
+        description="opt-in, methods with a reference that forward-noise pairs (dpo, rpo, smpo without inversion): "
+        "before training, draw K fixed (t, noise, caption dropout) per pair and compute the reference errors once; "
+        "each visit of a pair then reuses one of its K draws and no reference forward runs per step. A different "
+        "estimator from fresh draws at every visit (the default, None)",
+    )
     checkpointing_steps: int = Field(500, ge=1)
     checkpoints_total_limit: int | None = Field(2, ge=1)
     seed: int = 0
@@ -66,6 +96,8 @@ class TrainConfig(BaseModel):
     def _check_combinations(self) -> TrainConfig:
         if self.finetune == "full" and self.mixed_precision == "fp16" and self.optimizer == "adafactor":
             raise ValueError("full fine-tuning with fp16 and adafactor is unsupported: use bf16 or adamw")
+        if self.compile_mode != "default" and not self.compile_unet:
+            raise ValueError(f"compile_mode {self.compile_mode!r} has no effect without compile_unet: true")
         options_model = self.method_class.Options
         try:
             options = options_model.model_validate(self.method_options)
