@@ -289,10 +289,10 @@ def run_cell(source: str, budget: int, seed: int) -> dict:
     training = TrainConfig(**params["training"])
     frame = load_preference_frame(POOLS_DIR / source)
     pairs, _ = prepare_pairs(frame, drop_ties=True)
-    if len(pairs) < budget:
-        raise SystemExit(f"the {source} pool has {len(pairs)} pairs, fewer than the budget {budget}")
+    # A pool smaller than the budget trains on all of its pairs; the cell and the table say how many.
+    used = min(budget, len(pairs))
     # The subset is part of what a training seed draws; every source uses the same rule.
-    chosen = np.sort(np.random.default_rng(seed).choice(len(pairs), size=budget, replace=False))
+    chosen = np.sort(np.random.default_rng(seed).choice(len(pairs), size=used, replace=False))
     pairs = pairs.iloc[chosen].reset_index(drop=True)
     components = load_components(model)
     encoded = encode_pairs(pairs, components, resolution=model.resolution, batch_size=64)
@@ -313,6 +313,7 @@ def run_cell(source: str, budget: int, seed: int) -> dict:
         "world": board.world_fingerprint(ARCH),
         "source": source,
         "budget": budget,
+        "pairs": used,
         "seed": seed,
         "learning_rate": training.learning_rate,
         "beta": training.beta,
@@ -401,10 +402,12 @@ def write_table(seeds: Sequence[int]) -> str:
             gain, (gain_low, gain_high) = float(gains.mean()), board.bootstrap_interval(gains)
             summary[source, budget] = {"outcomes": outcomes, "gains": gains}
             correct = np.mean([r["scores"]["all_correct"] for r in results])
+            used = min(r.get("pairs", budget) for r in results)
+            shown = str(budget) if used == budget else f"{used} (all of its pool; budget {budget})"
             lines.append(
-                f"| {source} | {budget} | {len(results)} | {outcomes.mean():.3f} [{low:.3f}, {high:.3f}] | "
+                f"| {source} | {shown} | {len(results)} | {outcomes.mean():.3f} [{low:.3f}, {high:.3f}] | "
                 f"{correct:.1%} / {results[0]['scores']['all_correct_base']:.1%} | "
-                f"{gain:+.4f} [{gain_low:+.4f}, {gain_high:+.4f}] | {100 * gain / budget:+.4f} |"
+                f"{gain:+.4f} [{gain_low:+.4f}, {gain_high:+.4f}] | {100 * gain / used:+.4f} |"
             )
     lines += ["", "Win-rate difference of Rich-PO pairs against each other source at the same budget:", ""]
     for budget in BUDGETS:
