@@ -192,6 +192,10 @@ def two_runs(local_server):
         "parameters.training.max_train_steps=3",
         "--set",
         f"parameters.output.checkpoint_root={tmp / 'checkpoints'}",
+        # 12 of the 48 held-out prompts: evaluation was half of each run's time (sampling base
+        # and aligned), and the summary, the grid and the reports look the same with fewer.
+        "--set",
+        "parameters.evaluation.max_prompts=12",
     ]
     first = _run(base, local_server["env"], timeout=1200, what="run.py dpo_sdxl (first run)")
     second = _run(
@@ -304,8 +308,10 @@ def check_summary(summary: dict, base_url: str, run_url: str, recorded: dict[str
             # Base above aligned, each sample enlarged to >= 128 px: at least 2 x 128 px high.
             with Image.open(file) as grid:
                 assert grid.format == "PNG" and grid.height >= 256 and grid.width >= 128, (grid.format, grid.size)
-        if name == "eval_report" and file.suffix == ".json":
-            report = json.loads(file.read_text())
+        # The eval report is built-in JSON (data.json), alone or beside its HTML view.
+        report_file = file if file.suffix == ".json" else file / "data.json"
+        if name == "eval_report" and report_file.is_file():
+            report = json.loads(report_file.read_text())
             if isinstance(report, dict) and "win_rate_vs_base" in report:
                 assert round(float(report["win_rate_vs_base"]), 3) == summary["win_rate"], (report, summary)
     return visualizations
@@ -375,11 +381,13 @@ def test_dashboard_shows_run_dag_and_cached_step(local_server, two_runs, chromiu
     summary = parse_summary(second_output)
     print(f"[dashboard test] summary: {summary}")
     named = check_summary(summary, local_server["url"], second_url, recorded)
-    check_dashboard(local_server["url"], second_url, chromium_path, recorded, named)
+    # The eval report's view shows the win rate the summary printed (both 3 decimals).
+    texts = {"eval_report": f"{summary['win_rate']:.3f}"}
+    check_dashboard(local_server["url"], second_url, chromium_path, recorded, named, texts)
 
 
-def _check_preview(page, types: list[str]) -> None:
-    """The artifact sheet's loaded visualization shows what its type promises."""
+def _check_preview(page, types: list[str], text: str | None = None) -> None:
+    """The artifact sheet's loaded visualization shows what its type promises (and an HTML view `text`)."""
     from playwright.sync_api import expect
 
     sheet = page.get_by_role("dialog")
@@ -387,7 +395,10 @@ def _check_preview(page, types: list[str]) -> None:
         expect(sheet.locator('img[src^="data:image/png"]').first).to_be_visible()
     if "html" in types:
         expect(sheet.locator("iframe").first).to_be_visible()
-        expect(sheet.frame_locator("iframe").first.locator("body")).to_have_text(re.compile(r"\w{3}"))
+        body = sheet.frame_locator("iframe").first.locator("body")
+        expect(body).to_have_text(re.compile(r"\w{3}"))
+        if text:  # (a JSON view shows the unrounded number)
+            expect(body).to_contain_text(text)
     # JSON, markdown, CSV: the preview replaced its button (it loaded) and shows some text.
     expect(sheet.get_by_role("button", name="Load Preview")).to_have_count(0)
     expect(sheet).to_contain_text(re.compile(r"\w{3}"))
@@ -399,10 +410,13 @@ def check_dashboard(
     chromium_path: str,
     recorded: dict[str, tuple[str, set[str]]],
     named: dict[str, list[str]] | None = None,
+    texts: dict[str, str] | None = None,
 ) -> None:
     """Drive the dashboard of a running server. `run_url` is a run whose load_preferences
     step was cached and whose train_alignment ran; `recorded` is its steps (_recorded_steps);
-    `named` the artifacts the run's summary names, with their visualization types (check_summary)."""
+    `named` the artifacts the run's summary names, with their visualization types (check_summary);
+    `texts` what an artifact's preview must show (the summary's win rate in the eval report)."""
+    texts = texts or {}
     named = dict(named or {})
     producers = {output: step for step, (_status, outputs) in recorded.items() for output in outputs}
     # Whatever the summary names, plus the HTML reports wherever the pipeline made them.
@@ -469,7 +483,7 @@ def check_dashboard(
                     continue
                 _close_sheet(page)
                 _preview_artifact(page, producers[name], name)
-                _check_preview(page, types)
+                _check_preview(page, types, texts.get(name))
                 shots.append(f"05_{name}")
                 page.screenshot(path=str(SCREENSHOT_DIR / f"{shots[-1]}.png"))
         except Exception:
