@@ -647,9 +647,10 @@ def evaluate_config(
                     )
             for s, values in zip(stores, scored, strict=True):
                 if s is not None:
-                    s.save_scores(key, values)
+                    s.save_scores(key, values, metadata)
         else:
             scored = cached
+            metadata = stores[0].scorer_metadata(key) or metadata
         base_rewards, aligned_rewards = (np.asarray(v, dtype=np.float64) for v in scored)
         rewards[spec.name] = (base_rewards, aligned_rewards)
         table[spec.name] = {**score_statistics(aligned_rewards, base_rewards, flat_prompts), "scorer": metadata}

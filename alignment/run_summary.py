@@ -119,6 +119,22 @@ def metric_lines(report: dict[str, Any], production: dict[str, Any] | None = Non
     return lines
 
 
+def scorer_lines(report: dict[str, Any]) -> list[str]:
+    """The scorer table (``eval_report["scorers"]``), one row per scorer, the primary marked ``*``."""
+    from alignment.evaluation.table import table_cells
+
+    rows = table_cells(report)
+    if not rows:
+        return []
+    header = ("scorer", "aligned mean", "base mean", "aligned median", "base median", "win rate vs base")
+    rows = [(r[0], r[1], r[2], r[3], r[4], r[6]) for r in rows]
+    protocol = report.get("protocol") or {}
+    prompts = protocol.get("prompt_set") or {}
+    split = f" ({prompts['split']})" if prompts.get("split") else ""
+    lines = [f"scorers (* primary), prompts {prompts.get('name', 'n/a')}{split}:"] if protocol else ["scorers:"]
+    return lines + _table([header, *rows])
+
+
 def drift_lines(drift: dict[str, Any]) -> list[str]:
     """The drift report's verdict against its reference (production when there is one, else the base)."""
     reference = drift.get("reference", "reference")
@@ -190,6 +206,8 @@ def format_run_summary(summary: RunSummary) -> str:
         blocks[0].append(f"model version: {summary.model_version}")
     if summary.eval_report is not None:
         blocks.append(metric_lines(summary.eval_report, summary.production))
+        if len(summary.eval_report.get("scorers") or {}) > 1:
+            blocks.append(scorer_lines(summary.eval_report))
     if summary.drift is not None:
         blocks.append(drift_lines(summary.drift))
     if summary.style is not None:

@@ -85,7 +85,13 @@ class ModelSamples:
         values = np.load(path, allow_pickle=False)
         return values if len(values) == self.count else None
 
-    def save_scores(self, key: str, values: np.ndarray) -> None:
+    def scorer_metadata(self, key: str) -> dict[str, Any] | None:
+        path = self.root / "scores" / f"{key}.json"
+        return json.loads(path.read_text()) if path.is_file() else None
+
+    def save_scores(self, key: str, values: np.ndarray, metadata: dict[str, Any] | None = None) -> None:
+        if metadata is not None:
+            (self.root / "scores" / f"{key}.json").write_text(json.dumps(metadata, sort_keys=True, default=str))
         path = self.root / "scores" / f"{key}.npy"
         partial = path.with_name(path.stem + ".tmp.npy")
         np.save(partial, np.asarray(values, dtype=np.float64), allow_pickle=False)
