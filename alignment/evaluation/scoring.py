@@ -36,6 +36,21 @@ def resolve_device(device: str) -> str:
     return device
 
 
+def _yaml_numbers(values: dict[str, Any]) -> dict[str, Any]:
+    """YAML 1.1 reads ``1e-6`` (no dot) as a string: turn such strings back into numbers, recursively."""
+    out = {}
+    for key, value in values.items():
+        if isinstance(value, dict):
+            value = _yaml_numbers(value)
+        elif isinstance(value, str):
+            try:
+                value = float(value) if any(c in value.lower() for c in ".e") else value
+            except ValueError:
+                pass
+        out[key] = value
+    return out
+
+
 def _architecture_options(name: str, options: dict[str, Any]) -> dict[str, Any]:
     """YAML-friendly architecture options: a mapping becomes the transformers config the loader takes.
 
@@ -47,11 +62,11 @@ def _architecture_options(name: str, options: dict[str, Any]) -> dict[str, Any]:
     if name == "hpsv21" and isinstance(out.get("clip_config"), dict):
         from transformers import CLIPConfig
 
-        out["clip_config"] = CLIPConfig(**out["clip_config"])
+        out["clip_config"] = CLIPConfig(**_yaml_numbers(out["clip_config"]))
     if name == "imagereward" and isinstance(out.get("vision_config"), dict):
         from transformers import BlipVisionConfig
 
-        out["vision_config"] = BlipVisionConfig(**out["vision_config"])
+        out["vision_config"] = BlipVisionConfig(**_yaml_numbers(out["vision_config"]))
     return out
 
 
