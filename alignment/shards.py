@@ -45,6 +45,7 @@ import pyarrow as pa
 import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 import torch
+from pydantic import BaseModel, ConfigDict, Field
 from tqdm.auto import tqdm
 
 from alignment.config import ValidationConfig
@@ -53,6 +54,7 @@ from alignment.encoding import EncodedPairs, encode_pairs
 
 __all__ = [
     "ShardInfo",
+    "ShardingConfig",
     "ShardValidation",
     "ShardManifest",
     "LatentShard",
@@ -77,6 +79,18 @@ SHARD_META = "latent_shard.json"
 _FOOTER_BYTES = 1 << 16
 _READ_BATCH_ROWS = 1024
 _MAX_REPORT_ROWS = 50
+
+
+class ShardingConfig(BaseModel):
+    """The sharded data path's settings (the ``*_sharded`` pipelines)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    fingerprint: str = Field(
+        "footer", pattern="^(footer|content)$",
+        description="footer: size + parquet footer of each shard (one small read); content: every byte",
+    )
+    buffer_shards: int = Field(4, ge=1, description="latent shards training holds in memory at once")
 
 
 # --------------------------------------------------------------------------- #

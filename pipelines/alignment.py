@@ -110,3 +110,8 @@ def _make_pipeline(name: str, method_name: str, arch: str) -> Pipeline:
 TRAINING_PIPELINES: dict[str, Pipeline] = {}
 for _name, (_method, _arch) in training_pipelines().items():
     TRAINING_PIPELINES[_name] = globals()[_name] = _make_pipeline(_name, _method, _arch)
+
+# The sharded variants (pipelines/sharded.py) are run like the others: run.py finds them in PIPELINES.
+from pipelines.sharded import SHARDED_PIPELINES  # noqa: E402
+
+TRAINING_PIPELINES.update(SHARDED_PIPELINES)

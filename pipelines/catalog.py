@@ -43,14 +43,26 @@ def training_pipelines() -> dict[str, tuple[str, str]]:
     return {f"{method}_{arch}": (method, arch) for method in method_names() for arch in ARCHES}
 
 
+SHARDED_METHODS = ("dpo",)
+"""Methods with a ``<method>_<arch>_sharded`` pipeline (Pick-a-Pic at full size; pipelines/sharded.py)."""
+
+
+def sharded_pipelines() -> dict[str, tuple[str, str]]:
+    """``{pipeline name: (method, arch)}`` of the sharded, streamed pipelines."""
+    return {f"{method}_{arch}_sharded": (method, arch) for method in SHARDED_METHODS for arch in ARCHES}
+
+
 def pipeline_names() -> tuple[str, ...]:
-    return (*training_pipelines(), *OTHER_PIPELINES)
+    return (*training_pipelines(), *OTHER_PIPELINES, *sharded_pipelines())
 
 
 def describe(name: str) -> str:
     """One line for ``--help``."""
     if name in OTHER_PIPELINES:
         return OTHER_PIPELINES[name]
+    if name in sharded_pipelines():
+        method, arch = sharded_pipelines()[name]
+        return f"{get_method(method).summary}, {ARCH_LABELS[arch]}: sharded data, encoding fanned out, training streamed"
     method, arch = training_pipelines()[name]
     return f"{get_method(method).summary}, {ARCH_LABELS[arch]}"
 
@@ -95,6 +107,8 @@ def pipeline_method(pipeline_name: str, config: dict) -> str | None:
     """The training method a pipeline runs: fixed by a training pipeline's name, chosen in a pair-making one's config."""
     if pipeline_name in training_pipelines():
         return training_pipelines()[pipeline_name][0]
+    if pipeline_name in sharded_pipelines():
+        return sharded_pipelines()[pipeline_name][0]
     if makes_pairs(pipeline_name):
         training = ((config.get("parameters") or {}).get("training") or {})
         return training.get("method", TrainConfig.model_fields["method"].default)

@@ -1,0 +1,88 @@
+"""Step: preference training streamed from the latent shards of a manifest (the sharded pipelines)."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import Annotated
+
+from zenml import ArtifactConfig, log_metadata, step
+from zenml.enums import ArtifactType
+from zenml.io import fileio
+
+from alignment.config import OutputConfig
+from alignment.encoding import EncodedPairs
+from alignment.models import ModelSpec, load_components
+from alignment.shards import ShardingConfig, ShardManifest
+from alignment.streaming import sharded_batches, streaming_inputs, train_streaming as train_from_shards
+from alignment.train import run_fingerprint, save_trained_weights
+from alignment.train_config import TrainConfig
+from steps import tracking
+from steps.caching import TOY_BASE_MODELS, cache_on
+from steps.paths import repo_path
+from steps.train_alignment import WEIGHTS_ARTIFACT
+
+
+def load_from_store(uri: str) -> EncodedPairs:
+    """One latent shard from the artifact store: read in place when local, else downloaded to a temporary directory."""
+    if os.path.isdir(uri):
+        return EncodedPairs.load(uri)
+    with tempfile.TemporaryDirectory(prefix="latent_shard_") as local:
+        for name in fileio.listdir(uri):
+            fileio.copy(os.path.join(uri, str(name)), os.path.join(local, str(name)), overwrite=True)
+        return EncodedPairs.load(local)
+
+
+# In a dynamic pipeline the step's configuration comes from its template (the pipeline's
+# ``depends_on``), not from ``with_options`` made at run time: so the streamable methods' code is in
+# the cache key here, and the weights artifact is named for LoRA (the sharded pipelines train LoRA).
+@step(
+    cache_policy=cache_on(__name__, "alignment.methods.dpo", "alignment.methods.sft", data=TOY_BASE_MODELS),
+    substitutions={"weights_artifact": WEIGHTS_ARTIFACT["lora"]},
+)
+def train_streaming(
+    manifest: dict,
+    model: ModelSpec,
+    training: TrainConfig,
+    output: OutputConfig,
+    sharding: ShardingConfig,
+) -> tuple[
+    Annotated[Path, ArtifactConfig(name="{weights_artifact}", artifact_type=ArtifactType.MODEL)],
+    Annotated[dict, ArtifactConfig(name="training_metrics")],
+]:
+    """Train with ``training.method`` from the latent shards, holding ``sharding.buffer_shards`` of them at once.
+
+    The order is shard-aware (``alignment.streaming.ShardedBatches``) and a
+    pure function of the seed and the step, so a killed run resumes exactly
+    from its checkpoint, as ``train_alignment`` does.
+    """
+    shards = ShardManifest.from_dict(manifest)
+    inputs = streaming_inputs(shards, buffer_shards=sharding.buffer_shards, loader=load_from_store)
+    fingerprint = run_fingerprint(inputs, model, training)
+    checkpoint_dir = repo_path(output.checkpoint_root) / fingerprint
+    tracking.log_config(
+        {"training": training.model_dump(mode="json"), "model": model.model_dump(mode="json"), "run_fingerprint": fingerprint}
+    )
+    components = load_components(model)
+    batches = sharded_batches(shards, training.seed, sharding.buffer_shards)
+    result = train_from_shards(
+        components, inputs, training, batches=batches, checkpoint_dir=checkpoint_dir, fingerprint=fingerprint,
+        log_fn=tracking.step_logger(),
+    )  # fmt: skip
+    weights_dir = Path(tempfile.mkdtemp(prefix=f"{training.method}_{model.arch}_weights_"))
+    save_trained_weights(components, training, weights_dir)
+    buffer = inputs.encoded.buffer
+    summary = {**result.summary(), "shard_loads": buffer.loads, "most_shards_held": buffer.most_held}
+    metrics = {
+        "summary": summary,
+        "history": result.history,
+        "config": training.model_dump(mode="json"),
+        "model": model.model_dump(mode="json"),
+        "run_fingerprint": fingerprint,
+        "checkpoint_dir": str(checkpoint_dir),
+        "manifest": shards.summary(),
+    }
+    log_metadata({"training": summary}, infer_model=True)
+    return weights_dir, metrics
+
