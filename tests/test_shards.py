@@ -250,3 +250,20 @@ def test_streamed_bundle_reads_the_same_rows_as_the_in_memory_one(manifest):
     assert len(streamed.pair_ids) == len(memory)
     with pytest.raises(PreferenceDataError):
         list_shards(manifest.shards[0].uri + "/missing")
+
+
+@pytest.mark.parametrize("profile", [None, "tiny", "toy", "gpu", "k8s", "vertex"])
+@pytest.mark.parametrize("name", ["dpo_sdxl_sharded", "dpo_sd15_sharded"])
+def test_sharded_configs_validate_and_cluster_profiles_give_every_shard_a_gpu(name, profile):
+    from zenml.config.pipeline_run_configuration import PipelineRunConfiguration
+
+    from pipelines import catalog, configuration
+
+    config = configuration.resolve_config(name, None, profile, ())
+    PipelineRunConfiguration.model_validate(config)
+    assert config["parameters"]["training"]["method"] == catalog.sharded_pipelines()[name][0]
+    if profile is None:
+        assert config["parameters"]["data"]["path"] == "data/pickapic_v2" and "max_rows" not in config["parameters"]["data"]
+    if profile in ("k8s", "vertex"):
+        assert config["steps"]["encode_shard"]["settings"]["resources"]["gpu_count"] == 1
+        assert config["steps"]["train_streaming"]["step_operator"] is True
