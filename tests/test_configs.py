@@ -243,8 +243,14 @@ finally:
 
 
 def test_the_real_cli_prints_one_line_before_zenml_starts():
+    from concurrent.futures import ThreadPoolExecutor
+
     tiny = ("--profile", "tiny", "--set")
-    result = _run_py("--pipeline", "dpo_sdxl", *tiny, "parameters.training.beta=-1", code=NO_ZENML)
+    # Two fresh interpreters, each most of its time importing: side by side, not one after the other.
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        first = pool.submit(_run_py, "--pipeline", "dpo_sdxl", *tiny, "parameters.training.beta=-1", code=NO_ZENML)
+        second = pool.submit(_run_py, "--pipeline", "smpo_sdxl", *tiny, "parameters.training.method_options.gamma=-1")
+    result = first.result()
     assert result.returncode == 2, result.stderr
     assert _own_lines(result.stderr) == [
         "error: parameters.training.beta = -1: Input should be greater than 0",
@@ -252,7 +258,7 @@ def test_the_real_cli_prints_one_line_before_zenml_starts():
     ]
     assert result.stdout == ""
 
-    result = _run_py("--pipeline", "smpo_sdxl", *tiny, "parameters.training.method_options.gamma=-1")
+    result = second.result()
     assert result.returncode == 2 and "Traceback" not in result.stderr + result.stdout
     assert _own_lines(result.stderr) == [
         "error: parameters.training.method_options.gamma = -1: Input should be greater than 0"
