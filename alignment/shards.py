@@ -31,6 +31,7 @@ call, and what benchmarks and tests call without ZenML.
 
 from __future__ import annotations
 
+import gc
 import hashlib
 import json
 import os
@@ -288,7 +289,12 @@ def validate_shard(
     result = validate_preference_rows(frame, options, config)
     report = result.to_dict()
     report.pop("expectations", None)  # per-expectation detail stays in the shard's own report, not the aggregate
-    return ShardValidation(shard, result.passed, config.mode, report, result.pairs)
+    verdict = ShardValidation(shard, result.passed, config.mode, report, result.pairs)
+    del result, frame
+    # GX's objects hold the shard's frame in reference cycles: collect them now, or a process
+    # validating shard after shard grows until the cyclic collector happens to run.
+    gc.collect()
+    return verdict
 
 
 class ShardValidationError(ValueError):
@@ -625,6 +631,7 @@ def build_latent_shards(
             stats={k: v for k, v in stats.items() if isinstance(v, (int, float))},
         )
         del pairs
+        gc.collect()  # the shard's frame and image bytes, before the next shard is read
         entries.append(entry)
         encoded_names.append(shard.name)
         if on_shard_done is not None:

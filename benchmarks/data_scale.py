@@ -120,6 +120,20 @@ def _child(stage: str, data: Path, latents: Path, args: argparse.Namespace) -> d
     return json.loads(output.stdout.strip().splitlines()[-1])
 
 
+def _merge(args: argparse.Namespace, results: list[dict]) -> list[dict]:
+    """With ``--stages`` a subset: the earlier results, with the re-run stages' records replaced."""
+    previous = args.out.with_suffix(".json")
+    if set(args.stages) == set(STAGES) or not previous.is_file():
+        return results
+    merged = json.loads(previous.read_text())["results"]
+    for size in results:
+        for old in merged:
+            if old["pairs"] == size["pairs"]:
+                fresh = {record["stage"]: record for record in size["stages"]}
+                old["stages"] = [fresh.get(record["stage"], record) for record in old["stages"]]
+    return merged
+
+
 def _table(results: list[dict], note: str) -> str:
     lines = [
         "# Data path at scale: validate -> encode -> train, each stage in its own process",
@@ -155,6 +169,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--buffer-shards", type=int, default=2)
     parser.add_argument("--work", type=Path, help="where data and latents go (kept); default: a temporary directory")
     parser.add_argument("--out", type=Path, default=REPO_ROOT / "benchmarks" / "results" / "data_scale")
+    parser.add_argument(
+        "--stages", nargs="+", choices=STAGES, default=list(STAGES),
+        help="run only these stages and replace their records in an existing --out JSON (needs --work with the data)",
+    )  # fmt: skip
     # one stage in this process (what the driver starts)
     parser.add_argument("--stage", choices=STAGES)
     parser.add_argument("--data", type=Path)
@@ -175,14 +193,16 @@ def main(argv: list[str] | None = None) -> None:
                 started = time.perf_counter()
                 info = build_sharded_pickapic(data, n_pairs=pairs, rows_per_shard=args.rows_per_shard, image_size=args.image_size)
                 print(f"{pairs} pairs: wrote {len(info['shards'])} shards, {info['bytes'] / 2**20:.0f} MB in {time.perf_counter() - started:.0f} s", flush=True)
-            shutil.rmtree(latents, ignore_errors=True)  # encode from scratch: the timing must include every shard
+            if "encode" in args.stages:
+                shutil.rmtree(latents, ignore_errors=True)  # encode from scratch: the timing must include every shard
             shards = len(list(data.glob("*.parquet")))
             size = {"pairs": pairs, "shards": shards, "stages": []}
-            for stage in STAGES:
+            for stage in args.stages:
                 record = _child(stage, data, latents, args)
                 print(f"{pairs} pairs, {stage}: {record}", flush=True)
                 size["stages"].append(record)
             results.append(size)
+        results = _merge(args, results)
     finally:
         if args.work is None:
             shutil.rmtree(work, ignore_errors=True)
@@ -196,6 +216,8 @@ def main(argv: list[str] | None = None) -> None:
         f"buffer of {args.buffer_shards} shards. Growth = peak RSS - RSS after imports and model building. "
         "The encode stage drops ties and orders winners first without the GX suite (the validate stage ran it)."
     )
+    if set(args.stages) != set(STAGES):
+        note += f" The {', '.join(args.stages)} stage(s) were re-measured at that time; the others are from the earlier run."
     payload = {"note": note, "args": {k: str(v) for k, v in vars(args).items()}, "results": results}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.with_suffix(".json").write_text(json.dumps(payload, indent=1))
