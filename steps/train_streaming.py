@@ -57,6 +57,11 @@ def train_streaming(
     pure function of the seed and the step, so a killed run resumes exactly
     from its checkpoint, as ``train_alignment`` does.
     """
+    if training.num_processes > 1:
+        raise ValueError(
+            f"training.num_processes is {training.num_processes}: streaming training runs in one process "
+            "(alignment.launch does not pass a shard manifest to its workers yet); set it to 1"
+        )
     shards = ShardManifest.from_dict(manifest)
     inputs = streaming_inputs(shards, buffer_shards=sharding.buffer_shards, loader=load_from_store)
     fingerprint = run_fingerprint(inputs, model, training)
