@@ -16,6 +16,9 @@ Invariants worth knowing:
 * The LoRA reference is the same UNet with its adapters disabled
   (``adapters_disabled``), so no second UNet is held in memory. Full
   fine-tuning keeps a frozen copy instead, and only when the method uses one.
+* Opt-in ``reference_draws: K`` trades the per-step reference forward for K
+  fixed draws per pair whose reference errors are computed once in ``setup``
+  (``PrecomputedReference``); a different estimator, off by default.
 * Every random draw (data order, timesteps, noise, caption dropout, a method's
   own draws) is a pure function of ``(seed, micro-batch index, stream)``. A
   resumed run therefore sees exactly the batches the uninterrupted run would

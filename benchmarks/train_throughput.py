@@ -53,16 +53,36 @@ sys.path.insert(0, str(REPO_ROOT))
 RESULTS_DIR = REPO_ROOT / "benchmarks" / "results"
 
 # Rows of the table. "dpo_*" rows are our DPO with one optimisation switched off or one option on.
-MAIN = ("reference", "bound", "dpo", "sft", "smpo_cached", "smpo_online", "rpo")
-ABLATIONS = ("dpo_unfused_adamw", "dpo_channels_last", "dpo_grad_checkpointing", "dpo_compiled")
-QUICK = ("reference", "bound", "dpo", "dpo_unfused_adamw", "sft", "smpo_cached")
+MAIN = ("reference", "bound", "dpo", "dpo_precomputed_k4", "sft", "smpo_cached", "smpo_online", "rpo")
+ABLATIONS = (
+    "dpo_unoptimised",
+    "dpo_unfused_adamw",
+    "dpo_public_adapter_toggle",
+    "dpo_channels_last",
+    "dpo_grad_checkpointing",
+    "dpo_compiled",
+    "smpo_online_renoise0",
+    "smpo_online_renoise2",
+)
+QUICK = ("reference", "bound", "dpo", "dpo_precomputed_k4", "dpo_unoptimised", "sft", "smpo_cached")
 ALL = MAIN + ABLATIONS
+DEFAULT = MAIN + ABLATIONS[:5]  # compiling on a CPU takes minutes: ask for dpo_compiled explicitly
 ABLATION_SETTINGS = {
+    "dpo_precomputed_k4": {"reference_draws": 4},
+    "dpo_unoptimised": {"fused_optimizer": False},  # and the public adapter toggle (below)
     "dpo_unfused_adamw": {"fused_optimizer": False},
     "dpo_channels_last": {"channels_last": True},
     "dpo_grad_checkpointing": {"gradient_checkpointing": True},
     "dpo_compiled": {"compile_unet": True},
 }
+PUBLIC_TOGGLE = ("dpo_unoptimised", "dpo_public_adapter_toggle")
+RENOISE = {"smpo_online_renoise0": 0, "smpo_online_renoise2": 2}  # cost per ReNoise setting (profile: 1)
+
+
+def base_method(method: str) -> str:
+    if method.startswith("dpo"):
+        return "dpo"
+    return "smpo_online" if method in RENOISE else method
 
 
 # ----------------------------------------------------------------------------
@@ -87,11 +107,12 @@ class World:
         self.encoded = encode_pairs(
             self.pairs, load_components(self.model), resolution=self.model.resolution, batch_size=64, show_progress=False
         )
+        self.real_inversion_cache = False
 
     def training(self, method: str, **overrides):
         from alignment.train_config import TrainConfig
 
-        base = self.params[method.split("_")[0] if method.startswith("dpo") else method]["training"]
+        base = self.params[method]["training"]
         return TrainConfig(**{**base, "max_train_steps": 10**6, "checkpointing_steps": 10**6, **overrides})
 
     @property
@@ -110,22 +131,66 @@ class Ours:
         from alignment.models import load_components
         from alignment.train import PreferenceTrainer
 
-        settings = ABLATION_SETTINGS.get(method, {})
-        base_method = "dpo" if method.startswith("dpo") else method
-        training = world.training(base_method, **settings)
+        settings = dict(ABLATION_SETTINGS.get(method, {}))
+        base = base_method(method)
+        if method in RENOISE:
+            options = dict(world.params[base]["training"]["method_options"])
+            options["inversion"] = {**options["inversion"], "renoise_iterations": RENOISE[method]}
+            settings["method_options"] = options
+        training = world.training(base, **settings)
         components = load_components(world.model)
         plugin = training.method_class(training)
-        inputs, _ = plugin.prepare_inputs(world.pairs, world.encoded, components, plugin.validated_parameters(world.params[base_method]))
+        parameters = plugin.validated_parameters(world.params[base])
+        if method == "smpo_cached" and not world.real_inversion_cache:
+            with synthetic_inversion_cache():
+                inputs, _ = plugin.prepare_inputs(world.pairs, world.encoded, components, parameters)
+        else:
+            inputs, _ = plugin.prepare_inputs(world.pairs, world.encoded, components, parameters)
         self.trainer = PreferenceTrainer(
             components, inputs, training, checkpoint_dir=workdir / method, show_progress=False
         )
+        started = time.perf_counter()
         self.trainer.setup()
+        self.setup_seconds = time.perf_counter() - started  # includes the precomputed reference, if any
+        if method in PUBLIC_TOGGLE:
+            self.trainer._lora_layers = []  # back to peft's disable_adapters / enable_adapters
         # Training never touches the encoders again: they are not resident in our pipeline's training step.
         components.vae = components.text_encoder = components.text_encoder_2 = None
 
     def step(self) -> None:
         self.trainer._optimizer_step()
         self.trainer.step += 1
+
+
+class synthetic_inversion_cache:
+    """Stand in for SmPO's one-off dataset inversion (minutes; timed in benchmarks/results/step_time.md).
+
+    A cached-mode step only reads its rows, so forward-noised rows of the same shapes make the same step.
+    """
+
+    def __enter__(self):
+        from alignment import inversion
+
+        self._original = inversion.build_inversion_cache
+
+        def build(components, encoded, config, seed, **_):
+            generator = torch.Generator().manual_seed(seed)
+            latents = torch.cat([encoded.latents_w, encoded.latents_l])
+            blocks = config.timesteps_per_pair
+            pair_t = torch.randint(0, 1000, (blocks, len(encoded)), generator=generator)
+            timesteps = torch.cat([pair_t, pair_t], dim=1).reshape(-1)
+            x0 = latents.repeat(blocks, 1, 1, 1)
+            noise = torch.randn(x0.shape, generator=generator)
+            x_t = components.noise_scheduler.add_noise(x0, noise, timesteps)
+            return inversion.InversionCache(x_t=x_t, timesteps=timesteps, target=noise)
+
+        inversion.build_inversion_cache = build
+        return self
+
+    def __exit__(self, *exc):
+        from alignment import inversion
+
+        inversion.build_inversion_cache = self._original
 
 
 class Bound:
@@ -403,6 +468,11 @@ def summarise(samples: dict[str, list[float]], batch: int, extra: dict[str, list
             "timed_steps": len(times),
             "pairs_per_s": round(batch / median, 2),
             "speedup_vs_reference": round(reference / median, 3) if reference else None,
+            # Load on a shared machine only adds time: the fastest step is the least disturbed estimate.
+            "speedup_vs_reference_by_min": round(min(samples["reference"]) / min(times), 3) if reference else None,
+            "time_vs_bound_by_min": round(min(times) / min(samples["bound"]), 3)
+            if bound and method != "reference"
+            else None,
             "time_vs_bound": round(median / bound, 3) if bound and method != "reference" else None,
             "time_vs_dpo": round(median / dpo, 3) if dpo else None,
         }
@@ -417,8 +487,9 @@ def summarise(samples: dict[str, list[float]], batch: int, extra: dict[str, list
 
 def table(rows: list[dict]) -> str:
     head = (
-        "| method | median s/step [IQR] | pairs/s | vs reference (pairs/s ratio) | time / bound | time / our DPO |\n"
-        "|---|---|---|---|---|---|\n"
+        "| method | median s/step [IQR] | min s/step | pairs/s (median) | vs reference: median (min) | "
+        "time / bound: median (min) | time / our DPO |\n"
+        "|---|---|---|---|---|---|---|\n"
     )
 
     def fmt(value, suffix="x"):
@@ -431,7 +502,9 @@ def table(rows: list[dict]) -> str:
             note = f" (inversion {r['inversion_s_per_step']:.3f} s; overhead beyond it {r['overhead_beyond_inversion_vs_dpo']:+.1%})"
         lines.append(
             f"| {r['method']} | {r['median_s_per_step']:.3f} [{r['iqr_s'][0]:.3f}, {r['iqr_s'][1]:.3f}] | "
-            f"{r['pairs_per_s']:.1f} | {fmt(r['speedup_vs_reference'])} | {fmt(r['time_vs_bound'])} | "
+            f"{r['min_s']:.3f} | {r['pairs_per_s']:.1f} | "
+            f"{fmt(r['speedup_vs_reference'])} ({fmt(r.get('speedup_vs_reference_by_min'))}) | "
+            f"{fmt(r['time_vs_bound'])} ({fmt(r.get('time_vs_bound_by_min'))}) | "
             f"{fmt(r['time_vs_dpo'])}{note} |"
         )
     return head + "\n".join(lines) + "\n"
@@ -460,12 +533,19 @@ def run_timing(args) -> None:
             print(f"resuming after round {done}", flush=True)
     TimedInversion.install()
     world = World()
+    world.real_inversion_cache = args.real_inversion_cache
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="throughput-") as tmp:
-        runners = {}
-        for method in methods:
+        runners, setup_seconds = {}, {}
+        for method in list(methods):
             t0 = time.perf_counter()
-            runners[method] = make_runner(world, method, Path(tmp))
+            try:
+                runners[method] = make_runner(world, method, Path(tmp))
+            except Exception as error:  # one broken row must not cost the whole run
+                print(f"skipping {method}: {type(error).__name__}: {error}", flush=True)
+                methods.remove(method)
+                continue
+            setup_seconds[method] = round(getattr(runners[method], "setup_seconds", time.perf_counter() - t0), 1)
             print(f"set up {method} in {time.perf_counter() - t0:.1f} s", flush=True)
         for round_index in range(done, args.rounds):
             # Rotate the start, so no method always runs first (or right after the heaviest one).
@@ -490,22 +570,41 @@ def run_timing(args) -> None:
                 "machine": machine(args.threads),
                 "load_per_round": loads,
                 "results": rows,
+                "setup_seconds": setup_seconds,
                 "samples": samples,
                 "inversion_samples": inversion,
             }
-            markdown = (
-                "# Training throughput: our steps vs the published Diffusion-DPO recipe (toy world)\n\n"
-                f"`python benchmarks/train_throughput.py {' '.join(sys.argv[1:])}`: {round_index + 1} interleaved "
-                f"round(s) x {args.steps} timed steps per method (one untimed warm-up each round), batch "
-                f"{world.batch_size} pairs, LoRA rank {payload['lora_rank']}, {args.threads} thread(s), "
-                f"toy SDXL base at {world.model.resolution} px. Load average (1/5/15 min) after each round: "
-                f"{loads}. Machine: {payload['machine'].get('cpu_model', payload['machine']['processor'])}, "
-                f"{payload['machine']['cpus']} CPUs, torch {torch.__version__}.\n\n"
-                + table(rows)
-            )
+            payload["resolution"] = world.model.resolution
+            payload["command"] = f"python benchmarks/train_throughput.py {' '.join(sys.argv[1:])}"
+            markdown = render(payload)
             write(args.name, payload, markdown)
             print(f"round {round_index + 1}/{args.rounds} ({time.perf_counter() - started:.0f} s), load {loads[-1]}")
             print(table(rows), flush=True)
+
+
+def render(payload: dict) -> str:
+    settings, machine_info = payload["settings"], payload["machine"]
+    return (
+        "# Training throughput: our steps vs the published Diffusion-DPO recipe (toy world)\n\n"
+        f"`{payload.get('command', 'python benchmarks/train_throughput.py')}`: {payload['rounds_done']} interleaved round(s) x {settings['steps']} timed steps "
+        f"per method (one untimed warm-up each round, the order rotated each round), batch "
+        f"{payload['batch_pairs']} pairs, LoRA rank {payload['lora_rank']}, {settings['threads']} thread(s), "
+        f"toy SDXL base at {payload.get('resolution', 32)} px. Load average (1/5/15 min) after each round: "
+        f"{payload['load_per_round']}. Machine: {machine_info.get('cpu_model', machine_info['processor'])}, "
+        f"{machine_info['cpus']} CPUs, torch {machine_info['torch']}.\n\n"
+        + table(payload["results"])
+        + "\nSet-up seconds per method (trainer setup; for dpo_precomputed_k4 it includes computing the "
+        f"reference errors of 4 draws per pair once): {payload.get('setup_seconds', {})}.\n"
+    )
+
+
+def rerender(name: str) -> None:
+    """Rewrite ``<name>.md`` (and the rows of ``<name>.json``) from the stored samples."""
+    path = RESULTS_DIR / f"{name}.json"
+    payload = json.loads(path.read_text())
+    payload["results"] = summarise(payload["samples"], payload["batch_pairs"], payload["inversion_samples"])
+    write(name, payload, render(payload))
+    print(render(payload))
 
 
 def run_profile(args) -> None:
@@ -529,12 +628,128 @@ def run_profile(args) -> None:
         print(f"  {e.key:28s} {e.cpu_time_total / 1e3 / args.steps:9.1f} ms/step  {e.cpu_time_total / total:6.1%}")
 
 
+# ----------------------------------------------------------------------------
+# FLOPs of real SDXL at 1024 px, on paper: modules built on the meta device from the published configs
+
+# stabilityai/stable-diffusion-xl-base-1.0: unet/config.json, vae/config.json, text_encoder(_2)/config.json.
+SDXL_UNET = dict(
+    sample_size=128,
+    in_channels=4,
+    out_channels=4,
+    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+    up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+    block_out_channels=(320, 640, 1280),
+    layers_per_block=2,
+    attention_head_dim=(5, 10, 20),
+    transformer_layers_per_block=(1, 2, 10),
+    cross_attention_dim=2048,
+    use_linear_projection=True,
+    addition_embed_type="text_time",
+    addition_time_embed_dim=256,
+    projection_class_embeddings_input_dim=2816,
+    norm_num_groups=32,
+)
+SDXL_VAE = dict(
+    in_channels=3,
+    out_channels=3,
+    down_block_types=("DownEncoderBlock2D",) * 4,
+    up_block_types=("UpDecoderBlock2D",) * 4,
+    block_out_channels=(128, 256, 512, 512),
+    layers_per_block=2,
+    latent_channels=4,
+    norm_num_groups=32,
+    sample_size=1024,
+)
+CLIP_L = dict(hidden_size=768, intermediate_size=3072, num_attention_heads=12, num_hidden_layers=12,
+              projection_dim=768, hidden_act="quick_gelu", vocab_size=49408, max_position_embeddings=77)
+CLIP_BIGG = dict(hidden_size=1280, intermediate_size=5120, num_attention_heads=20, num_hidden_layers=32,
+                 projection_dim=1280, hidden_act="gelu", vocab_size=49408, max_position_embeddings=77)
+
+
+def sdxl_flops_per_pair(lora_rank: int = 8) -> dict[str, float]:
+    """FLOPs of each per-pair component of a Diffusion-DPO LoRA step on real SDXL at 1024 px."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from peft import LoraConfig
+    from torch.utils.flop_counter import FlopCounterMode
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    from alignment.models.lora import DEFAULT_LORA_TARGETS
+
+    def count(fn) -> float:
+        with FlopCounterMode(display=False) as counter:
+            fn()
+        return float(counter.get_total_flops())
+
+    meta = torch.device("meta")
+    with meta:
+        unet = UNet2DConditionModel(**SDXL_UNET)
+        vae = AutoencoderKL(**SDXL_VAE)
+        text_one = CLIPTextModel(CLIPTextConfig(**CLIP_L))
+        text_two = CLIPTextModelWithProjection(CLIPTextConfig(**CLIP_BIGG))
+    unet.requires_grad_(False)
+    unet.add_adapter(LoraConfig(r=lora_rank, lora_alpha=lora_rank, target_modules=list(DEFAULT_LORA_TARGETS)))
+    for name, parameter in unet.named_parameters():
+        parameter.requires_grad_("lora_" in name)
+    pair = 2  # winner and loser
+    latents = torch.empty(pair, 4, 128, 128, device=meta)
+    timesteps = torch.zeros(pair, dtype=torch.int64, device=meta)
+    embeds = torch.empty(pair, 77, 2048, device=meta)
+    added = {"text_embeds": torch.empty(pair, 1280, device=meta), "time_ids": torch.empty(pair, 6, device=meta)}
+
+    def unet_forward():
+        return unet(latents, timesteps, embeds, added_cond_kwargs=added).sample
+
+    def policy_forward_backward():
+        unet_forward().float().pow(2).mean().backward()
+
+    with torch.no_grad():
+        reference_forward = count(unet_forward)
+        vae_encode = count(lambda: vae.encode(torch.empty(pair, 3, 1024, 1024, device=meta)))
+        ids = torch.zeros(1, 77, dtype=torch.int64, device=meta)
+        text_encode = count(lambda: (text_one(ids, output_hidden_states=True), text_two(ids, output_hidden_states=True)))
+    policy_forward = count(lambda: unet_forward().sum())
+    policy = count(policy_forward_backward)
+    return {
+        "policy_forward": policy_forward,
+        "policy_backward": policy - policy_forward,
+        "reference_forward": reference_forward,
+        "vae_encode_2_images": vae_encode,
+        "text_encode_1_prompt_2_encoders": text_encode,
+    }
+
+
+def run_flops(name: str) -> None:
+    parts = sdxl_flops_per_pair()
+    unet = parts["policy_forward"] + parts["policy_backward"] + parts["reference_forward"]
+    recipes = {
+        "reference recipe (encodes every step)": unet + parts["vae_encode_2_images"] + parts["text_encode_1_prompt_2_encoders"],
+        "ours (encoded once)": unet,
+        "ours, precomputed reference (per step)": parts["policy_forward"] + parts["policy_backward"],
+    }
+    reference = recipes["reference recipe (encodes every step)"]
+    lines = ["| component (per pair: winner + loser) | TFLOPs |", "|---|---|"]
+    lines += [f"| {key} | {value / 1e12:.2f} |" for key, value in parts.items()]
+    lines += ["", "| recipe | TFLOPs per pair | reference / recipe |", "|---|---|---|"]
+    lines += [f"| {key} | {value / 1e12:.2f} | {reference / value:.2f}x |" for key, value in recipes.items()]
+    text = "\n".join(lines) + "\n"
+    print(text)
+    payload = {"components_flops": parts, "recipes_flops": recipes, "ratio_reference_over_ours": reference / unet}
+    (RESULTS_DIR / f"{name}_flops.json").write_text(json.dumps(payload, indent=1))
+    (RESULTS_DIR / f"{name}_flops.md").write_text(
+        "# Per-step FLOPs of a Diffusion-DPO LoRA step on real SDXL at 1024 px (on paper)\n\n"
+        "`python benchmarks/train_throughput.py --flops`: the SDXL base UNet, VAE and both text encoders built "
+        "from their published configs on the meta device (no weights), counted with "
+        "torch.utils.flop_counter.FlopCounterMode; LoRA rank 8 on to_q/to_k/to_v/to_out.0; one pair = "
+        "2 latents of 4x128x128.\n\n" + text
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--steps", type=int, default=6, help="timed steps per method per round")
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--methods", nargs="+", default=list(MAIN + ABLATIONS[:3]), choices=ALL)
+    parser.add_argument("--methods", nargs="+", default=list(DEFAULT), choices=ALL)
     parser.add_argument("--quick", action="store_true", help="2 rounds x 3 steps of the main rows")
     parser.add_argument("--resume", action="store_true", help="continue the run saved under --name")
     parser.add_argument("--memory", action="store_true", help="peak memory, one subprocess per method")
@@ -542,17 +757,21 @@ def main() -> None:
     parser.add_argument("--flops", action="store_true", help="per-step FLOPs of real SDXL at 1024 px on the meta device")
     parser.add_argument("--child-memory", choices=ALL, help=argparse.SUPPRESS)
     parser.add_argument("--name", default="train_throughput")
+    parser.add_argument("--report", action="store_true", help="rewrite the table of --name from its stored samples")
+    parser.add_argument(
+        "--real-inversion-cache", action="store_true", help="smpo_cached: invert the dataset for real (minutes)"
+    )
     args = parser.parse_args()
     if args.quick:
         args.rounds, args.steps = 2, 3
-        if args.methods == list(MAIN + ABLATIONS[:3]):
+        if args.methods == list(DEFAULT):
             args.methods = list(QUICK)
-    if args.child_memory:
+    if args.report:
+        rerender(args.name)
+    elif args.child_memory:
         print(json.dumps(child_memory(args.child_memory, args.steps, args.threads)), flush=True)
     elif args.flops:
-        from benchmarks.train_flops import main as flops_main
-
-        flops_main(args.name)
+        run_flops(args.name)
     elif args.profile:
         run_profile(args)
     elif args.memory:
