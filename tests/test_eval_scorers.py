@@ -573,3 +573,53 @@ def test_the_run_summary_shows_a_row_per_scorer():
     [pick] = [line for line in text.splitlines() if line.strip().startswith("pickscore *")]
     assert "21.5000" in pick and "0.625 [0.525, 0.725]" in pick
     assert any(line.strip().startswith("hpsv21") and "30.2500" in line for line in text.splitlines())
+
+
+# --------------------------------------------------------------------------- configs and CLI
+
+PROFILES = [None, "tiny", "toy", "gpu", "k8s", "vertex"]
+
+
+@pytest.mark.parametrize("profile", PROFILES)
+def test_the_evaluate_config_validates_with_every_profile(profile):
+    from zenml.config.pipeline_run_configuration import PipelineRunConfiguration
+
+    from pipelines import configuration
+
+    config = configuration.resolve_config("evaluate", None, profile, ())
+    PipelineRunConfiguration.model_validate(config)
+    assert configuration.parameter_problems("evaluate", config) == []
+    evaluation = EvalConfig(**config["parameters"]["evaluation"])
+    if profile in ("tiny", "toy"):
+        assert evaluation.primary_scorer() == "toy_oracle" and config["model"]["name"] == "toy_evaluation"
+        configuration.preflight("evaluate", config)  # the toy base and the candidate are in the repository
+    else:
+        assert [s.name for s in evaluation.scorer_table()] == list(REAL_SCORERS)
+        assert evaluation.prompt_set == "partiprompts" and evaluation.resume_dir
+
+
+def test_real_recipes_evaluate_with_the_scorer_table_and_profiles_with_the_oracle():
+    from pipelines import catalog, configuration
+
+    for name in catalog.training_pipelines():
+        real = EvalConfig(**configuration.resolve_config(name, None, None, ())["parameters"]["evaluation"])
+        assert real.primary_scorer() == "pickscore" and [s.name for s in real.scorer_table()] == list(REAL_SCORERS)
+        assert (real.prompt_set, real.prompt_split) == ("pickapic", "test_unique")
+        for profile in ("tiny", "toy"):
+            toy = EvalConfig(**configuration.resolve_config(name, None, profile, ())["parameters"]["evaluation"])
+            assert [s.name for s in toy.scorer_table()] == ["toy_oracle"] and toy.resume_dir is None
+
+
+def test_candidate_flag_only_applies_to_evaluate():
+    from click.testing import CliRunner
+
+    import run
+
+    result = CliRunner().invoke(run.main, ["--pipeline", "dpo_sdxl", "--candidate", "x"])
+    assert result.exit_code == 2 and "--candidate only applies to --pipeline evaluate" in result.output
+    result = CliRunner().invoke(run.main, ["--pipeline", "evaluate", "--data", "."])
+    assert result.exit_code == 2 and "--data does not apply to --pipeline evaluate" in result.output
+    missing = CliRunner().invoke(
+        run.main, ["--pipeline", "evaluate", "--profile", "tiny", "--candidate", "/no/such/lora"]
+    )
+    assert missing.exit_code == 1 and "/no/such/lora" in missing.output
