@@ -29,7 +29,10 @@ class EvalReportMaterializer(BuiltInContainerMaterializer):
         path = os.path.join(self.uri, "eval_table.html")
         with self.artifact_store.open(path, "w") as handle:
             handle.write(eval_table_html(data))
-        return {path.replace("\\", "/"): VisualizationType.HTML}
+        return {
+            path.replace("\\", "/"): VisualizationType.HTML,
+            self.data_path.replace("\\", "/"): VisualizationType.JSON,
+        }
 
 
 def report_outputs(result: EvalResult, evaluation: EvalConfig) -> tuple[dict, Image.Image]:
