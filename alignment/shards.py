@@ -307,6 +307,9 @@ class ShardValidationError(ValueError):
             rows = failure.get("row_ids") or []
             shown = f" (rows: {', '.join(map(str, rows[:5]))}{' ...' if len(rows) > 5 else ''})" if rows else ""
             lines.append(f"  - shard {failure['shard']}: [{failure['check']}] {failure['message']}{shown}")
+        if not failed:  # every shard was quarantined: nothing is left to train on
+            lines = [f"{source}: every shard was quarantined; nothing was trained:"]
+            lines += [f"  - {reason}" for reason in aggregate.get("quarantined_shards", {}).values()]
         super().__init__("\n".join(lines))
         self.report = aggregate
 
