@@ -283,7 +283,7 @@ def _summary_file(summary: dict, path: str) -> Path:
 def check_summary(summary: dict, base_url: str, run_url: str, recorded: dict[str, tuple[str, set[str]]]) -> dict:
     """What the printed summary says agrees with the run the server recorded.
 
-    Returns ``{artifact name: visualization types}`` of the artifacts the summary names."""
+    Returns ``{artifact name: [(visualization type, label), ...]}`` of the artifacts the summary names."""
     assert summary["status"] == "completed", summary
     low, high = summary["ci"]
     assert 0.0 <= low <= summary["win_rate"] <= high <= 1.0, summary
@@ -298,7 +298,11 @@ def check_summary(summary: dict, base_url: str, run_url: str, recorded: dict[str
         assert entry["id"], f"no `zenml artifact version describe <id>` for {name}: {entry}"
         version = _api(base_url, f"artifact_versions/{entry['id']}", hydrate="true")
         assert version["body"]["artifact"]["name"] == name, (name, version["body"]["artifact"]["name"])
-        visualizations[name] = [v["body"]["type"] for v in (version["metadata"] or {}).get("visualizations") or []]
+        # (type, the label the dashboard's visualization chooser gives it: the file name of its uri)
+        visualizations[name] = [
+            (v["body"]["type"], v["body"]["uri"].replace("\\", "/").rsplit("/", 1)[-1])
+            for v in (version["metadata"] or {}).get("visualizations") or []
+        ]
         assert entry["path"], f"no file for {name} in the summary: {entry}"
         file = _summary_file(summary, entry["path"])
         assert file.exists(), f"the summary's file for {name} does not exist: {file}"
@@ -386,14 +390,14 @@ def test_dashboard_shows_run_dag_and_cached_step(local_server, two_runs, chromiu
     check_dashboard(local_server["url"], second_url, chromium_path, recorded, named, texts)
 
 
-def _check_preview(page, types: list[str], text: str | None = None) -> None:
+def _check_preview(page, kind: str, text: str | None = None) -> None:
     """The artifact sheet's loaded visualization shows what its type promises (and an HTML view `text`)."""
     from playwright.sync_api import expect
 
     sheet = page.get_by_role("dialog")
-    if "image" in types:
+    if kind == "image":
         expect(sheet.locator('img[src^="data:image/png"]').first).to_be_visible()
-    if "html" in types:
+    if kind == "html":
         expect(sheet.locator("iframe").first).to_be_visible()
         body = sheet.frame_locator("iframe").first.locator("body")
         expect(body).to_have_text(re.compile(r"\w{3}"))
@@ -404,24 +408,32 @@ def _check_preview(page, types: list[str], text: str | None = None) -> None:
     expect(sheet).to_contain_text(re.compile(r"\w{3}"))
 
 
+def _choose_visualization(page, label: str) -> None:
+    """An artifact with several visualizations (the eval report: HTML table and JSON) has a chooser
+    listing them by file name; each one is loaded on its own."""
+    page.get_by_role("dialog").get_by_label("Choose visualization").click()
+    page.get_by_role("option", name=label).click()
+    page.get_by_role("dialog").get_by_role("button", name="Load Preview").click()
+
+
 def check_dashboard(
     base_url: str,
     run_url: str,
     chromium_path: str,
     recorded: dict[str, tuple[str, set[str]]],
-    named: dict[str, list[str]] | None = None,
+    named: dict[str, list[tuple[str, str | None]]] | None = None,
     texts: dict[str, str] | None = None,
 ) -> None:
     """Drive the dashboard of a running server. `run_url` is a run whose load_preferences
     step was cached and whose train_alignment ran; `recorded` is its steps (_recorded_steps);
-    `named` the artifacts the run's summary names, with their visualization types (check_summary);
+    `named` the artifacts the run's summary names, with their visualizations (check_summary);
     `texts` what an artifact's preview must show (the summary's win rate in the eval report)."""
     texts = texts or {}
     named = dict(named or {})
     producers = {output: step for step, (_status, outputs) in recorded.items() for output in outputs}
     # Whatever the summary names, plus the HTML reports wherever the pipeline made them.
     for report in HTML_REPORTS & set(producers):
-        named.setdefault(report, ["html"])
+        named.setdefault(report, [("html", None)])
     from playwright.sync_api import expect, sync_playwright
 
     SCREENSHOT_DIR.mkdir(parents=True, exist_ok=True)
@@ -472,20 +484,24 @@ def check_dashboard(
             _close_sheet(page)
 
             _preview_artifact(page, "evaluate_alignment", "sample_grid")
-            _check_preview(page, named.pop("sample_grid", None) or ["image"])
+            _check_preview(page, "image")
             page.screenshot(path=str(SCREENSHOT_DIR / "04_sample_grid.png"))
             shots = ["01_home", "02_run_dag", "03_cached_step", "04_sample_grid"]
+            named.pop("sample_grid", None)
 
             # The reports the summary names (eval report, drift, validation, ...) and the HTML
             # reports open from their DAG node; an artifact without a visualization has no preview.
-            for name, types in sorted(named.items()):
-                if not types:
+            for name, visualizations in sorted(named.items()):
+                if not visualizations:
                     continue
                 _close_sheet(page)
                 _preview_artifact(page, producers[name], name)
-                _check_preview(page, types, texts.get(name))
-                shots.append(f"05_{name}")
-                page.screenshot(path=str(SCREENSHOT_DIR / f"{shots[-1]}.png"))
+                for index, (kind, label) in enumerate(visualizations):
+                    if index:
+                        _choose_visualization(page, label)
+                    _check_preview(page, kind, texts.get(name))
+                    shots.append(f"05_{name}" + (f"_{index + 1}" if index else ""))
+                    page.screenshot(path=str(SCREENSHOT_DIR / f"{shots[-1]}.png"))
         except Exception:
             # What the browser showed when it failed, for the person reading the error.
             page.screenshot(path=str(SCREENSHOT_DIR / "failure.png"))
