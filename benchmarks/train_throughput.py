@@ -450,7 +450,26 @@ def measure_memory(methods: list[str], steps: int, threads: int) -> list[dict]:
 # timing
 
 
-def summarise(samples: dict[str, list[float]], batch: int, extra: dict[str, list[float]]) -> list[dict]:
+def paired_ratio(samples: dict[str, list[float]], steps: int, numerator: str, denominator: str) -> float | None:
+    """Median over rounds of (numerator's round median / denominator's round median).
+
+    Methods of one round run minutes apart at most, so a ratio within a round cancels most of a
+    shared machine's load drift; the median over rounds then discards rounds hit by a burst.
+    """
+    a, b = samples.get(numerator) or [], samples.get(denominator) or []
+    rounds = min(len(a), len(b)) // steps
+    if rounds == 0:
+        return None
+    ratios = [
+        statistics.median(a[r * steps : (r + 1) * steps]) / statistics.median(b[r * steps : (r + 1) * steps])
+        for r in range(rounds)
+    ]
+    return round(statistics.median(ratios), 3)
+
+
+def summarise(
+    samples: dict[str, list[float]], batch: int, extra: dict[str, list[float]], steps: int | None = None
+) -> list[dict]:
     rows = []
     reference = statistics.median(samples["reference"]) if samples.get("reference") else None
     bound = statistics.median(samples["bound"]) if samples.get("bound") else None
@@ -466,6 +485,11 @@ def summarise(samples: dict[str, list[float]], batch: int, extra: dict[str, list
             "iqr_s": [round(quartiles[0], 4), round(quartiles[2], 4)],
             "min_s": round(min(times), 4),
             "timed_steps": len(times),
+            # Per-round paired ratios (see paired_ratio): the least load-sensitive numbers of a shared machine.
+            "paired_speedup_vs_reference": paired_ratio(samples, steps, "reference", method) if steps and reference else None,
+            "paired_time_vs_bound": paired_ratio(samples, steps, method, "bound")
+            if steps and bound and method != "reference"
+            else None,
             "pairs_per_s": round(batch / median, 2),
             "speedup_vs_reference": round(reference / median, 3) if reference else None,
             # Load on a shared machine only adds time: the fastest step is the least disturbed estimate.
@@ -487,8 +511,8 @@ def summarise(samples: dict[str, list[float]], batch: int, extra: dict[str, list
 
 def table(rows: list[dict]) -> str:
     head = (
-        "| method | median s/step [IQR] | min s/step | pairs/s (median) | vs reference: median (min) | "
-        "time / bound: median (min) | time / our DPO |\n"
+        "| method | median s/step [IQR] | min s/step | pairs/s (median) | pairs/s vs reference: paired (median; min) | "
+        "time / bound: paired (median; min) | time / our DPO |\n"
         "|---|---|---|---|---|---|---|\n"
     )
 
@@ -503,8 +527,9 @@ def table(rows: list[dict]) -> str:
         lines.append(
             f"| {r['method']} | {r['median_s_per_step']:.3f} [{r['iqr_s'][0]:.3f}, {r['iqr_s'][1]:.3f}] | "
             f"{r['min_s']:.3f} | {r['pairs_per_s']:.1f} | "
-            f"{fmt(r['speedup_vs_reference'])} ({fmt(r.get('speedup_vs_reference_by_min'))}) | "
-            f"{fmt(r['time_vs_bound'])} ({fmt(r.get('time_vs_bound_by_min'))}) | "
+            f"**{fmt(r.get('paired_speedup_vs_reference'))}** ({fmt(r['speedup_vs_reference'])}; "
+            f"{fmt(r.get('speedup_vs_reference_by_min'))}) | "
+            f"**{fmt(r.get('paired_time_vs_bound'))}** ({fmt(r['time_vs_bound'])}; {fmt(r.get('time_vs_bound_by_min'))}) | "
             f"{fmt(r['time_vs_dpo'])}{note} |"
         )
     return head + "\n".join(lines) + "\n"
@@ -561,7 +586,7 @@ def run_timing(args) -> None:
                     if TimedInversion.seconds > before:
                         inversion[method].append(TimedInversion.seconds - before)
             loads.append(load_average())
-            rows = summarise(samples, world.batch_size, inversion)
+            rows = summarise(samples, world.batch_size, inversion, args.steps)
             payload = {
                 "settings": settings,
                 "rounds_done": round_index + 1,
@@ -602,7 +627,9 @@ def rerender(name: str) -> None:
     """Rewrite ``<name>.md`` (and the rows of ``<name>.json``) from the stored samples."""
     path = RESULTS_DIR / f"{name}.json"
     payload = json.loads(path.read_text())
-    payload["results"] = summarise(payload["samples"], payload["batch_pairs"], payload["inversion_samples"])
+    payload["results"] = summarise(
+        payload["samples"], payload["batch_pairs"], payload["inversion_samples"], payload["settings"]["steps"]
+    )
     write(name, payload, render(payload))
     print(render(payload))
 
