@@ -162,10 +162,10 @@ def _table(results: list[dict], note: str) -> str:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--pairs", type=int, nargs="+", default=[10_000, 100_000])
-    parser.add_argument("--rows-per-shard", type=int, default=4000)
+    parser.add_argument("--rows-per-shard", type=int, default=2000)
     parser.add_argument("--image-size", type=int, default=32)
-    parser.add_argument("--train-steps", type=int, default=40)
-    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--train-steps", type=int, default=120)
+    parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--buffer-shards", type=int, default=2)
     parser.add_argument("--work", type=Path, help="where data and latents go (kept); default: a temporary directory")
     parser.add_argument("--out", type=Path, default=REPO_ROOT / "benchmarks" / "results" / "data_scale")
