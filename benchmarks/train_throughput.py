@@ -107,7 +107,11 @@ class World:
         self.pairs, _ = prepare_pairs(load_preference_frame(REPO_ROOT / data.path, split=data.split), drop_ties=True)
         self.model = ModelSpec(**dpo["model"])
         self.encoded = encode_pairs(
-            self.pairs, load_components(self.model), resolution=self.model.resolution, batch_size=64, show_progress=False
+            self.pairs,
+            load_components(self.model),
+            resolution=self.model.resolution,
+            batch_size=64,
+            show_progress=False,
         )
         self.real_inversion_cache = False
 
@@ -261,9 +265,13 @@ class ReferenceRecipe:
         pixels, time_ids = [], []
         resolution = world.model.resolution
         for row in world.pairs.itertuples():
-            w, size, crop = preprocess_image(decode_image(row.image_w, row_id=str(row.row_id), column="image_w"), resolution)
-            l, _, _ = preprocess_image(decode_image(row.image_l, row_id=str(row.row_id), column="image_l"), resolution)
-            pixels.append(torch.cat([w, l]))
+            winner, size, crop = preprocess_image(
+                decode_image(row.image_w, row_id=str(row.row_id), column="image_w"), resolution
+            )
+            loser, _, _ = preprocess_image(
+                decode_image(row.image_l, row_id=str(row.row_id), column="image_l"), resolution
+            )
+            pixels.append(torch.cat([winner, loser]))
             time_ids.append([*size, *crop, resolution, resolution])
         self.pixels = torch.stack(pixels)
         self.time_ids = torch.tensor(time_ids, dtype=torch.float32)
@@ -271,7 +279,11 @@ class ReferenceRecipe:
 
         def tokens(tokenizer):
             return tokenizer(
-                captions, truncation=True, padding="max_length", max_length=tokenizer.model_max_length, return_tensors="pt"
+                captions,
+                truncation=True,
+                padding="max_length",
+                max_length=tokenizer.model_max_length,
+                return_tensors="pt",
             ).input_ids
 
         self.tokens = (tokens(c.tokenizer), tokens(c.tokenizer_2))
@@ -488,7 +500,9 @@ def summarise(
             "min_s": round(min(times), 4),
             "timed_steps": len(times),
             # Per-round paired ratios (see paired_ratio): the least load-sensitive numbers of a shared machine.
-            "paired_speedup_vs_reference": paired_ratio(samples, steps, "reference", method) if steps and reference else None,
+            "paired_speedup_vs_reference": paired_ratio(samples, steps, "reference", method)
+            if steps and reference
+            else None,
             "paired_time_vs_bound": paired_ratio(samples, steps, method, "bound")
             if steps and bound and method != "reference"
             else None,
@@ -689,10 +703,26 @@ SDXL_VAE = dict(
     norm_num_groups=32,
     sample_size=1024,
 )
-CLIP_L = dict(hidden_size=768, intermediate_size=3072, num_attention_heads=12, num_hidden_layers=12,
-              projection_dim=768, hidden_act="quick_gelu", vocab_size=49408, max_position_embeddings=77)
-CLIP_BIGG = dict(hidden_size=1280, intermediate_size=5120, num_attention_heads=20, num_hidden_layers=32,
-                 projection_dim=1280, hidden_act="gelu", vocab_size=49408, max_position_embeddings=77)
+CLIP_L = dict(
+    hidden_size=768,
+    intermediate_size=3072,
+    num_attention_heads=12,
+    num_hidden_layers=12,
+    projection_dim=768,
+    hidden_act="quick_gelu",
+    vocab_size=49408,
+    max_position_embeddings=77,
+)
+CLIP_BIGG = dict(
+    hidden_size=1280,
+    intermediate_size=5120,
+    num_attention_heads=20,
+    num_hidden_layers=32,
+    projection_dim=1280,
+    hidden_act="gelu",
+    vocab_size=49408,
+    max_position_embeddings=77,
+)
 
 
 def sdxl_flops_per_pair(lora_rank: int = 8) -> dict[str, float]:
@@ -735,7 +765,9 @@ def sdxl_flops_per_pair(lora_rank: int = 8) -> dict[str, float]:
         reference_forward = count(unet_forward)
         vae_encode = count(lambda: vae.encode(torch.empty(pair, 3, 1024, 1024, device=meta)))
         ids = torch.zeros(1, 77, dtype=torch.int64, device=meta)
-        text_encode = count(lambda: (text_one(ids, output_hidden_states=True), text_two(ids, output_hidden_states=True)))
+        text_encode = count(
+            lambda: (text_one(ids, output_hidden_states=True), text_two(ids, output_hidden_states=True))
+        )
     policy_forward = count(lambda: unet_forward().sum())
     policy = count(policy_forward_backward)
     return {
@@ -751,7 +783,9 @@ def run_flops(name: str) -> None:
     parts = sdxl_flops_per_pair()
     unet = parts["policy_forward"] + parts["policy_backward"] + parts["reference_forward"]
     recipes = {
-        "reference recipe (encodes every step)": unet + parts["vae_encode_2_images"] + parts["text_encode_1_prompt_2_encoders"],
+        "reference recipe (encodes every step)": unet
+        + parts["vae_encode_2_images"]
+        + parts["text_encode_1_prompt_2_encoders"],
         "ours (encoded once)": unet,
         "ours, precomputed reference (per step)": parts["policy_forward"] + parts["policy_backward"],
     }
@@ -783,7 +817,9 @@ def main() -> None:
     parser.add_argument("--resume", action="store_true", help="continue the run saved under --name")
     parser.add_argument("--memory", action="store_true", help="peak memory, one subprocess per method")
     parser.add_argument("--profile", choices=ALL, help="torch.profiler of --steps steps of one method")
-    parser.add_argument("--flops", action="store_true", help="per-step FLOPs of real SDXL at 1024 px on the meta device")
+    parser.add_argument(
+        "--flops", action="store_true", help="per-step FLOPs of real SDXL at 1024 px on the meta device"
+    )
     parser.add_argument("--child-memory", choices=ALL, help=argparse.SUPPRESS)
     parser.add_argument("--name", default="train_throughput")
     parser.add_argument("--report", action="store_true", help="rewrite the table of --name from its stored samples")
