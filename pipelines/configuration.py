@@ -352,39 +352,44 @@ def preflight(pipeline_name: str, config: dict[str, Any]) -> None:
     # data only when its prompts are the data's captions.
     rendered_style = style_pipeline and (params.get("style") or {}).get("pairs", "toy") == "toy"
     richpo_prompts = ((params.get("richpo") or {}).get("sampling") or {}).get("prompts", "toyworld_train")
+    # Every missing piece is named at once: a user without data and without weights fixes both in one go.
+    problems: list[str] = []
     if not (rendered_style or (pipeline_name in RICHPO_PIPELINES and richpo_prompts != "data")):
         try:
             find_split_files(data_path, data.split)
         except (PreferenceDataError, FileNotFoundError) as error:
-            raise ConfigurationError(f"preference data not found: {error}\n{hint}") from error
-        version = data_version(data_path, REPO_ROOT)
-        params.setdefault("data", {})["fingerprint"] = version.fingerprint
-        if version.status == "modified":
-            click.echo(
-                f"note: {data_path} differs from its DVC record in {version.dvc_file}; "
-                "`dvc commit` (or `dvc repro`) versions what is on disk"
-            )
+            problems.append(f"preference data not found: {error}")
+        else:
+            version = data_version(data_path, REPO_ROOT)
+            params.setdefault("data", {})["fingerprint"] = version.fingerprint
+            if version.status == "modified":
+                click.echo(
+                    f"note: {data_path} differs from its DVC record in {version.dvc_file}; "
+                    "`dvc commit` (or `dvc repro`) versions what is on disk"
+                )
 
-    _preflight_prompts(params, hint)
+    problems += _prompt_problems(params)
     spec = ModelSpec(**params.get("model", {}))
     try:
         check_model_available(spec)
     except ModelNotAvailableError as error:
-        if not _hub_reachable():
-            raise ConfigurationError(
-                f"{error}\nThe model hub is not reachable from this machine.\n{hint}"
-            ) from error
-        click.echo(f"note: {spec.pretrained} is not cached locally; it will be downloaded from the hub")
+        if _hub_reachable():
+            click.echo(f"note: {spec.pretrained} is not cached locally; it will be downloaded from the hub")
+        else:
+            problems.append(f"{error}\nThe model hub is not reachable from this machine.")
+    if problems:
+        raise ConfigurationError("\n".join(problems) + f"\n{hint}")
 
 
-def _preflight_prompts(params: dict[str, Any], hint: str) -> None:
+def _prompt_problems(params: dict[str, Any]) -> list[str]:
     """The evaluation's prompt set is readable now, not after hours of training."""
     from alignment.config import EvalConfig
 
     try:
         EvalConfig(**params.get("evaluation", {})).prompt_list()
     except (ValueError, FileNotFoundError) as error:
-        raise ConfigurationError(f"evaluation prompts: {error}\n{hint}") from error
+        return [f"evaluation prompts: {error}"]
+    return []
 
 
 def _preflight_evaluate(config: dict[str, Any]) -> None:
@@ -394,12 +399,17 @@ def _preflight_evaluate(config: dict[str, Any]) -> None:
 
     params = config.get("parameters") or {}
     hint = "To run the embedded default instead: python run.py --pipeline evaluate --profile tiny"
-    _preflight_prompts(params, hint)
+    problems = _prompt_problems(params)
     try:
         check_model_available(ModelSpec(**params.get("model", {})))
+    except ModelNotAvailableError as error:
+        problems.append(str(error))
+    try:
         resolve_candidate(CandidateSpec(**params.get("candidate", {})))
     except (ModelNotAvailableError, FileNotFoundError) as error:
-        raise ConfigurationError(f"{error}\n{hint}") from error
+        problems.append(str(error))
+    if problems:
+        raise ConfigurationError("\n".join(problems) + f"\n{hint}")
 
 
 # --- the resolved file -------------------------------------------------------

@@ -11,12 +11,15 @@ from alignment.models import LORA_WEIGHTS_FILE, ModelSpec, build_tiny_components
 from alignment.train import PreferenceTrainer, train_alignment
 from tests.test_train import synthetic_pairs, tiny_config
 
-# Measured on the tiny SDXL (3 steps, lr 1e-3, 2 micro-batches per step): the LoRA of 2 x 2 pairs
-# per micro-batch differs from 1 x 4 by at most 4.3e-6 (float summation order of the gradient
-# all-reduce, amplified a little by Adam): 2e-5 leaves a ~5x margin. The LoRA B matrices move by
-# 3e-3 in these 3 steps (Adam: ~lr per step), so a run that saw other pairs, noise or timesteps
-# would be off by about that much, 150x the tolerance.
-TOLERANCE = 2e-5
+# Float summation order differs (the gradient all-reduce adds 2 x 2 pairs, one process adds 4), and
+# Adam normalises each element's step: an element whose gradient is at the float-noise level moves by
+# ~lr either way, so the largest single difference is noise-dominated (measured 2.7e-5 after 3 steps,
+# lr 1e-3, on 4 of 49,152 elements). What must hold is the run as a whole: measured on the tiny SDXL,
+# the difference's L2 norm is 1.4e-4 of the learned LoRA-B norm (which starts at zero), and a run that
+# saw other pairs, noise or timesteps is off by the order of that norm itself.
+RELATIVE_TOLERANCE = 1e-3
+ELEMENT_TOLERANCE = 1e-5
+MAX_ELEMENTS_OFF = 1e-3  # fraction of LoRA elements allowed past ELEMENT_TOLERANCE (measured 0.008%)
 
 
 @pytest.fixture(scope="module")
@@ -54,10 +57,14 @@ def test_two_processes_match_one_process_with_the_same_global_batch(tmp_path, pa
 
     # the file holds the keys pipe.load_lora_weights expects: lora_state_dict's, under "unet."
     assert set(actual) == {f"unet.{key}" for key in expected}
-    worst = max((actual[f"unet.{key}"] - value).abs().max().item() for key, value in expected.items())
-    moved = max(v.abs().max().item() for k, v in expected.items() if k.endswith("lora.up.weight"))
-    assert moved > 50 * TOLERANCE, "the LoRA barely moved: the comparison would prove nothing"
-    assert worst < TOLERANCE, f"2 processes differ from 1 by {worst:.3g} (tolerance {TOLERANCE})"
+    differences = [actual[f"unet.{key}"] - value for key, value in expected.items()]
+    learned = sum(v.square().sum() for k, v in expected.items() if k.endswith("lora.up.weight")).sqrt().item()
+    relative = sum(d.square().sum() for d in differences).sqrt().item() / learned
+    elements_off = sum((d.abs() > ELEMENT_TOLERANCE).sum().item() for d in differences)
+    total = sum(d.numel() for d in differences)
+    assert learned > 0.05, "the LoRA barely moved: the comparison would prove nothing"
+    assert relative < RELATIVE_TOLERANCE, f"2 processes differ from 1 by {relative:.3g} of the learned norm"
+    assert elements_off <= MAX_ELEMENTS_OFF * total, f"{elements_off} of {total} LoRA elements differ"
 
     for a, b in zip(one.history, two.history, strict=True):
         assert a["step"] == b["step"]
