@@ -115,6 +115,17 @@ class Gate:
     name: str
     passed: bool
     message: str
+    skipped: bool = False
+    """Not checked (the version was not scored by an optional gate's scorer): it does not block."""
+
+    @property
+    def mark(self) -> str:
+        return gate_mark(self.passed, self.skipped)
+
+
+def gate_mark(passed: bool, skipped: bool = False) -> str:
+    """The bracketed word a gate line starts with: a skipped gate must not read as a passed one."""
+    return "skip" if skipped else ("pass" if passed else "FAIL")
 
 
 @dataclass(frozen=True)
@@ -139,7 +150,7 @@ class PromotionDecision:
             else f"refused to promote {self.model} version {self.version} to {self.target}: "
             + "; ".join(f"gate {gate.name!r} failed" for gate in self.failed)
         )
-        lines = [head] + [f"  [{'pass' if g.passed else 'FAIL'}] {g.name}: {g.message}" for g in self.gates]
+        lines = [head] + [f"  [{g.mark}] {g.name}: {g.message}" for g in self.gates]
         return "\n".join(lines)
 
     def to_dict(self) -> dict:
@@ -148,7 +159,7 @@ class PromotionDecision:
             "version": self.version,
             "target": self.target,
             "approved": self.approved,
-            "gates": {g.name: {"passed": g.passed, "message": g.message} for g in self.gates},
+            "gates": {g.name: {"passed": g.passed, "skipped": g.skipped, "message": g.message} for g in self.gates},
         }
 
 
@@ -209,7 +220,7 @@ def _scorer_win_rate_gate(candidate: VersionMetrics, scorer: str, gate: ScorerGa
         scored = ", ".join(candidate.scorers) or "none"
         if gate.required:
             return Gate(name, False, f"{candidate.label} was not scored by {scorer} (its scorers: {scored}); required")
-        return Gate(name, True, f"skipped: {candidate.label} was not scored by {scorer} (its scorers: {scored})")
+        return Gate(name, True, f"{candidate.label} was not scored by {scorer} (its scorers: {scored})", skipped=True)
     rate, ci = row["win_rate_vs_base"], row.get("win_rate_ci95")
     detail = f"{scorer} win rate vs base {rate:.4f}"
     if ci:
@@ -236,7 +247,7 @@ def _scorer_regression_gate(
         missing = candidate.label if ours is None else f"production ({production.label})"
         if gate.required:
             return Gate(name, False, f"{missing} was not scored by {scorer}; required")
-        return Gate(name, True, f"skipped: {missing} was not scored by {scorer}")
+        return Gate(name, True, f"{missing} was not scored by {scorer}", skipped=True)
     if not same:
         return Gate(name, False, "not compared: the two versions were not evaluated on the same protocol")
     weights = [(row.get("scorer") or {}).get("source") for row in (ours, theirs)]

@@ -10,6 +10,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from alignment.promotion import gate_mark
+
 
 @dataclass
 class Artifact:
@@ -176,7 +178,7 @@ def gate_lines(gates: dict[str, Any], source: str, promote_command: str | None) 
     verdict = "would pass" if gates.get("approved") else "would FAIL"
     lines = [f"promotion to {gates.get('target', 'staging')} ({source}): {verdict}"]
     for name, gate in (gates.get("gates") or {}).items():
-        lines.append(f"  [{'pass' if gate['passed'] else 'FAIL'}] {name}: {gate['message']}")
+        lines.append(f"  [{gate_mark(gate['passed'], gate.get('skipped', False))}] {name}: {gate['message']}")
     if promote_command and gates.get("approved"):
         lines.append(f"  promote: {promote_command}")
     return lines

@@ -38,7 +38,7 @@ from alignment.rewards import (
 from alignment.rewards.clip_scorers import AESTHETIC_WEIGHTS_FILE
 from alignment.rewards.hps import HPS_V21_FILE
 from alignment.rewards.image_reward import IMAGE_REWARD_FILE, MED_CONFIG_FILE, text_config_from_med_config
-from alignment.run_summary import RunSummary, format_run_summary
+from alignment.run_summary import RunSummary, format_run_summary, gate_lines
 
 IMAGE_SIZE = 32
 REAL_SCORERS = ("pickscore", "hpsv21", "imagereward", "laion_aesthetic", "clip_score")
@@ -534,7 +534,12 @@ def test_gates_per_scorer_read_the_table():
         in by_name["win_rate_vs_base[hpsv21]"].message
     )
     skipped = decide(_version("2", pickscore=_row(0.6, 21.0)), None, staging)
-    assert skipped.approved and "skipped" in {g.name: g for g in skipped.gates}["win_rate_vs_base[hpsv21]"].message
+    hps_gate = {g.name: g for g in skipped.gates}["win_rate_vs_base[hpsv21]"]
+    assert skipped.approved and hps_gate.skipped and "was not scored by hpsv21" in hps_gate.message
+    # printed as skipped, never as passed, in the decision and in the end-of-run summary
+    assert "  [skip] win_rate_vs_base[hpsv21]: " in skipped.summary()
+    gate_dict = skipped.to_dict()
+    assert "  [skip] win_rate_vs_base[hpsv21]: " in "\n".join(gate_lines(gate_dict, "now", None))
     required = PromotionConfig(
         model="m", to="staging", scorer_gates={"hpsv21": {"min_win_rate_vs_base": 0.5, "required": True}}
     )
