@@ -3,6 +3,12 @@
     list_preference_shards -> encode_shard x N (one step per parquet shard: GX suite, then latents)
         -> shard_manifest -> train_streaming -> evaluate_alignment -> report_drift
 
+SmPO (``smpo_sdxl_sharded``, ...) adds its reward scoring, fanned out the same way:
+
+    list_preference_shards -> score_shard x N (the pairs encode_shard encodes, winner and loser scored)
+        -> smooth_shards (with the manifest: bounds over all shards, one soft label per pair)
+        -> train_streaming (soft labels indexed like the streamed pairs)
+
 ZenML dynamic pipelines (``@pipeline(dynamic=True)``; the local, Kubernetes
 and Vertex orchestrators run them) launch one ``encode_shard`` step per shard,
 concurrently, each in its own pod on a cluster with the resources the
@@ -10,7 +16,9 @@ profile gives ``steps.encode_shard`` (the steps in ``depends_on`` are the
 templates whose YAML configuration every invocation of them inherits). Each
 shard is a step *parameter* (name + content fingerprint), not a chunk of an
 artifact, so ZenML's cache is per shard: a rerun after a kill or with a shard
-added encodes only the shards not done before.
+added encodes only the shards not done before; ``score_shard`` is cached per
+shard alike, and on the data and reward model alone (a new model or encoding
+re-scores nothing).
 """
 
 from __future__ import annotations
@@ -28,8 +36,45 @@ from steps.evaluate_alignment import evaluate_alignment
 from steps.find_drift_reference import find_drift_reference
 from steps.list_shards import list_preference_shards
 from steps.report_drift import report_drift
+from steps.score_shard import score_shard
 from steps.shard_manifest import shard_manifest
+from steps.smooth_shards import smooth_shards
 from steps.train_streaming import train_streaming
+
+
+def _smpo_scores(items: list, params: dict) -> list:
+    inversion = params["training"].options.inversion
+    if inversion is not None and inversion.mode == "cached":
+        raise ValueError(
+            "the sharded SmPO pipelines invert online (training.method_options.inversion.mode: online, or no "
+            "inversion); a per-shard inversion cache is not built yet"
+        )
+    return [
+        score_shard.submit(
+            shard=item["shard"], rows=item["rows"], data=params["data"], validation=params["validation"],
+            reward=params["reward"],
+        )  # fmt: skip
+        for item in items
+    ]
+
+
+def _smpo_labels(scores: list, manifest, params: dict) -> dict:
+    labels, _histogram = smooth_shards(scores=scores, manifest=manifest, smoothing=params["smoothing"])
+    return {"soft_labels": labels}
+
+
+SHARDED_PAIR_INPUTS = {"smpo": (_smpo_scores, _smpo_labels, ("soft_labels",), [score_shard])}
+"""Per method with per-pair inputs: (fan-out over the shard list, reduce with the manifest into train_streaming's
+extra inputs, their names, the fanned-out step templates): the sharded ``pipelines/methods/<method>.py``."""
+
+
+def _streaming_takes(names: tuple[str, ...], pipeline_name: str) -> None:
+    unknown = sorted(set(names) - set(inspect.signature(train_streaming.entrypoint).parameters))
+    if unknown:
+        raise NotImplementedError(
+            f"pipeline {pipeline_name}: steps/train_streaming.py takes no {', '.join(unknown)} input yet "
+            "(alignment.shard_scoring.labelled_streaming_inputs is the adapter it needs)"
+        )
 
 
 def _align_sharded(name: str, arch: str, method: str, params: dict) -> None:
@@ -39,18 +84,24 @@ def _align_sharded(name: str, arch: str, method: str, params: dict) -> None:
     _check(name, arch, method, model, training)
     if training.finetune != "lora":
         raise ValueError(f"pipeline {name} trains LoRA adapters; training.finetune is {training.finetune!r}")
+    fan_out, reduce, names, _templates = SHARDED_PAIR_INPUTS.get(method, (None, None, (), []))
+    _streaming_takes(names, name)
     listed = list_preference_shards(data=data, sharding=params["sharding"])
+    items = listed.load()
     encoded = [
         encode_shard.submit(
             shard=item["shard"], rows=item["rows"], data=data, validation=params["validation"], model=model,
             encoding=params["encoding"],
         )  # fmt: skip
-        for item in listed.load()
+        for item in items
     ]
+    scores = fan_out(items, params) if fan_out else None
     manifest, _report = shard_manifest(shards=encoded, model=model)
+    extra = reduce(scores, manifest, params) if reduce else {}
     weights, _metrics = train_streaming(
-        manifest=manifest, model=model, training=training, output=params["output"], sharding=params["sharding"]
-    )
+        manifest=manifest, model=model, training=training, output=params["output"], sharding=params["sharding"],
+        **extra,
+    )  # fmt: skip
     evaluation = params["evaluation"]
     _report, _grid, samples = evaluate_alignment(weights=weights, model=model, evaluation=evaluation)
     report_drift(eval_samples=samples, reference=find_drift_reference(), model=model, evaluation=evaluation)
@@ -78,7 +129,10 @@ def _make_pipeline(name: str, method_name: str, arch: str) -> Pipeline:
     entrypoint.__module__ = __name__
     entrypoint.__doc__ = f"{method.summary} on {ARCH_LABELS[arch]}, from sharded data (streamed)."
     entrypoint.__signature__ = _signature(f"{method_name}_{arch}")
-    return pipeline(name=name, dynamic=True, depends_on=[encode_shard, train_streaming, evaluate_alignment])(entrypoint)
+    templates = SHARDED_PAIR_INPUTS.get(method_name, (None, None, (), []))[3]
+    return pipeline(
+        name=name, dynamic=True, depends_on=[encode_shard, *templates, train_streaming, evaluate_alignment]
+    )(entrypoint)
 
 
 SHARDED_PIPELINES: dict[str, Pipeline] = {}
