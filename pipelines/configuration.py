@@ -369,16 +369,68 @@ def preflight(pipeline_name: str, config: dict[str, Any]) -> None:
                 )
 
     problems += _prompt_problems(params)
+    hub = _HubCheck()
     spec = ModelSpec(**params.get("model", {}))
     try:
         check_model_available(spec)
     except ModelNotAvailableError as error:
-        if _hub_reachable():
+        if hub.reachable():
             click.echo(f"note: {spec.pretrained} is not cached locally; it will be downloaded from the hub")
         else:
             problems.append(f"{error}\nThe model hub is not reachable from this machine.")
+    # Every training pipeline ends in evaluate_alignment; the style pipeline scores with its own style scorer.
+    if not style_pipeline:
+        problems += _scorer_problems(params, hub)
     if problems:
         raise ConfigurationError("\n".join(problems) + f"\n{hint}")
+
+
+class _HubCheck:
+    """``_hub_reachable()``, asked at most once per preflight, and only when something is missing."""
+
+    def __init__(self) -> None:
+        self._reachable: bool | None = None
+
+    def reachable(self) -> bool:
+        if self._reachable is None:
+            self._reachable = _hub_reachable()
+        return self._reachable
+
+
+def _scorer_problems(params: dict[str, Any], hub: _HubCheck) -> list[str]:
+    """The evaluation's scorers (``evaluation.scorer`` and ``scorers``) are on this machine, one line per missing one.
+
+    Only their files are looked for (each scorer's ``locate``, what its ``load``
+    resolves first): no model is built and nothing is read, so this takes
+    milliseconds, not the hours of training after which the evaluation would
+    fail. The toy oracle has no files to find. As for the base model, a scorer
+    missing while the hub is reachable is a note, not an error.
+    """
+    from alignment.config import EVAL_SPECIAL_SCORERS, EvalConfig
+    from alignment.models import ModelNotAvailableError
+    from alignment.rewards import check_scorer_available
+
+    try:
+        table = EvalConfig(**params.get("evaluation", {})).scorer_table()
+    except ValueError:
+        return []  # an invalid evaluation section is validation's (and _prompt_problems') to report
+    problems = []
+    for scorer in table:
+        if scorer.name in EVAL_SPECIAL_SCORERS:
+            continue
+        try:
+            check_scorer_available(scorer.name, scorer.source, scorer.options)
+        except ModelNotAvailableError as error:
+            if hub.reachable():
+                click.echo(
+                    f"note: evaluation scorer {scorer.name} is not on this machine; the hub is reachable, "
+                    f"fetch it before the evaluation step (scorers never download): {error}"
+                )
+            else:
+                problems.append(f"evaluation scorer {scorer.name}: {error}")
+        except FileNotFoundError as error:
+            problems.append(f"evaluation scorer {scorer.name}: {error}")
+    return problems
 
 
 def _prompt_problems(params: dict[str, Any]) -> list[str]:
@@ -393,7 +445,7 @@ def _prompt_problems(params: dict[str, Any]) -> list[str]:
 
 
 def _preflight_evaluate(config: dict[str, Any]) -> None:
-    """``--pipeline evaluate``: the base model and the candidate's weights are on this machine."""
+    """``--pipeline evaluate``: the base model, the candidate's weights and the scorers' are on this machine."""
     from alignment.evaluation.candidate import CandidateSpec, resolve_candidate
     from alignment.models import ModelNotAvailableError, ModelSpec, check_model_available
 
@@ -408,6 +460,7 @@ def _preflight_evaluate(config: dict[str, Any]) -> None:
         resolve_candidate(CandidateSpec(**params.get("candidate", {})))
     except (ModelNotAvailableError, FileNotFoundError) as error:
         problems.append(str(error))
+    problems += _scorer_problems(params, _HubCheck())
     if problems:
         raise ConfigurationError("\n".join(problems) + f"\n{hint}")
 

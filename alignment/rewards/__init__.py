@@ -15,6 +15,8 @@ name                   model                                                    
 
 Nothing is downloaded: sources are local paths or hub ids already in the HF
 cache, and anything missing raises ``alignment.models.ModelNotAvailableError``.
+:func:`check_scorer_available` finds the same files without loading anything
+(each scorer's ``locate``), for a run's preflight.
 
 Importing this package is light (torch, PIL): the scorer modules, which load
 transformers (and ``alignment.models``, which loads diffusers), are imported
@@ -29,6 +31,7 @@ Example::
 from __future__ import annotations
 
 import importlib
+from pathlib import Path
 from typing import Any
 
 from alignment.rewards.base import (
@@ -42,7 +45,10 @@ from alignment.rewards.base import (
     PromptBatch,
     RewardScorer,
     ScorerFactory,
+    ScorerFiles,
+    ScorerLocator,
     available_scorers,
+    check_scorer_available,
     clip_style_preprocess,
     load_scorer,
     register_scorer,
@@ -84,6 +90,9 @@ def __getattr__(name: str) -> Any:
     return getattr(importlib.import_module(module_name), name)
 
 
+_TOY_REWARD_MODEL = "alignment.toyworld.reward_model"
+
+
 def _deferred_factory(module_name: str, class_name: str) -> ScorerFactory:
     """A registry factory that imports the scorer's module only when the scorer is loaded."""
 
@@ -95,13 +104,47 @@ def _deferred_factory(module_name: str, class_name: str) -> ScorerFactory:
     return factory
 
 
-register_scorer(PICKSCORE, _deferred_factory(_CLIP_SCORERS, "PickScoreScorer"))
-register_scorer(HPS_V21, _deferred_factory(_HPS, "HpsV21Scorer"))
-register_scorer(IMAGE_REWARD, _deferred_factory(_IMAGE_REWARD, "ImageRewardScorer"))
-register_scorer(LAION_AESTHETIC, _deferred_factory(_CLIP_SCORERS, "LaionAestheticScorer"))
-register_scorer(CLIP_SCORE, _deferred_factory(_CLIP_SCORERS, "ClipScoreScorer"))
+def _deferred_locator(module_name: str, class_name: str) -> ScorerLocator:
+    """The scorer class's ``locate``, its module imported only when a preflight asks."""
+
+    def locate(source: str | None, **options: Any) -> ScorerFiles:
+        return getattr(importlib.import_module(module_name), class_name).locate(source, **options)
+
+    locate.__name__ = f"locate_{class_name}"
+    return locate
+
+
+def _register_deferred(name: str, module_name: str, class_name: str) -> None:
+    register_scorer(
+        name, _deferred_factory(module_name, class_name), locate=_deferred_locator(module_name, class_name)
+    )
+
+
+def _locate_toy_reward(source: str | None, **_: Any) -> ScorerFiles:
+    """The two files ``ToyRewardScorer.load`` reads, by the toy world's own names for them.
+
+    Raises:
+        FileNotFoundError: As ``ToyRewardScorer.load``, naming the missing file and how to make it.
+    """
+    module = importlib.import_module(_TOY_REWARD_MODEL)
+    directory = Path(source) if source is not None else module.DEFAULT_REWARD_MODEL_DIR
+    files = {"weights": directory / module.WEIGHTS_FILE, "config": directory / module.CONFIG_FILE}
+    for path in files.values():
+        if not path.is_file():
+            raise FileNotFoundError(
+                f"no toy reward model file {path}; train one with "
+                f"'python -m {_TOY_REWARD_MODEL} --out {directory}'"
+            )
+    return files
+
+
+_register_deferred(PICKSCORE, _CLIP_SCORERS, "PickScoreScorer")
+_register_deferred(HPS_V21, _HPS, "HpsV21Scorer")
+_register_deferred(IMAGE_REWARD, _IMAGE_REWARD, "ImageRewardScorer")
+_register_deferred(LAION_AESTHETIC, _CLIP_SCORERS, "LaionAestheticScorer")
+_register_deferred(CLIP_SCORE, _CLIP_SCORERS, "ClipScoreScorer")
 # The toy world's learned dual encoder (trained on the toy preferences, never the oracle).
-register_scorer(TOY_REWARD, _deferred_factory("alignment.toyworld.reward_model", "ToyRewardScorer"))
+register_scorer(TOY_REWARD, _deferred_factory(_TOY_REWARD_MODEL, "ToyRewardScorer"), locate=_locate_toy_reward)
 
 __all__ = [
     "CLIP_SCORE",
@@ -124,7 +167,10 @@ __all__ = [
     "RewardMLP",
     "RewardScorer",
     "ScorerFactory",
+    "ScorerFiles",
+    "ScorerLocator",
     "available_scorers",
+    "check_scorer_available",
     "clip_style_preprocess",
     "image_reward_to_module",
     "load_scorer",

@@ -9,7 +9,10 @@ image on the CPU, computed in batches of ``batch_size`` without gradients.
 Weights are never downloaded. A source is a local file or directory, or a hub
 id that must already be in the local Hugging Face cache; anything missing
 raises :class:`~alignment.models.ModelNotAvailableError` naming the path or id
-and the files it lacks, before any model is built.
+and the files it lacks, before any model is built. Each scorer's ``locate``
+classmethod does those resolutions alone (no model is built, nothing is read),
+so :func:`check_scorer_available` can tell in milliseconds, before a run, what
+its ``load`` would miss hours later.
 """
 
 from __future__ import annotations
@@ -380,6 +383,52 @@ def resolve_file(source: str | Path, what: str, default_filename: str) -> Path:
     return _find_local_model(source, what, default_filename)
 
 
+ScorerFiles = dict[str, Path]
+"""What a scorer's ``locate`` found: its role (``"model"``, ``"tokenizer"``, ...) -> the file or directory."""
+
+
+class FileResolutions:
+    """Runs one scorer's resolutions, all of them, so a missing file does not hide the next one.
+
+    Example (a scorer's ``locate``)::
+
+        files = FileResolutions()
+        files.resolve("model", resolve_directory, source, "PickScore model", needs_weights=True)
+        files.resolve("processor", resolve_directory, processor_source, "PickScore processor", needs_tokenizer=True)
+        return files.result()  # or ModelNotAvailableError naming every missing piece
+    """
+
+    def __init__(self) -> None:
+        self.found: ScorerFiles = {}
+        self.problems: list[str] = []
+
+    def resolve(self, role: str, resolver: Callable[..., Path], *args: Any, **kwargs: Any) -> Path | None:
+        """``resolver(*args, **kwargs)`` under ``role``; None (and the problem kept) if it is missing."""
+        from alignment.models import ModelNotAvailableError
+
+        try:
+            path = resolver(*args, **kwargs)
+        except ModelNotAvailableError as error:
+            self.problems.append(str(error))
+            return None
+        self.found[role] = path
+        return path
+
+    def missing(self, message: str) -> None:
+        """Record a problem found without a resolver (e.g. a required source that was not given)."""
+        self.problems.append(message)
+
+    def result(self) -> ScorerFiles:
+        """What was found.
+
+        Raises:
+            ModelNotAvailableError: Every problem recorded, in order, in one message.
+        """
+        if self.problems:
+            raise model_not_available(" ".join(self.problems))
+        return dict(self.found)
+
+
 def load_torch_checkpoint(path: Path, what: str) -> dict[str, Any]:
     """``torch.load`` a ``.pt`` / ``.pth`` file safely (tensors and containers only, no code)."""
     try:
@@ -443,10 +492,18 @@ def load_converted_state_dict(module: nn.Module, state_dict: dict[str, Tensor], 
 ScorerFactory = Callable[..., RewardScorer]
 """``factory(source, **kwargs) -> RewardScorer``; ``source`` None means the published default."""
 
+ScorerLocator = Callable[..., ScorerFiles]
+"""``locate(source, **options) -> ScorerFiles``: the files ``factory(source, **options)`` would read, found
+without building anything; raises ``ModelNotAvailableError`` (or ``FileNotFoundError``) naming what is missing.
+Options that do not name files (``raw_cosine``, ``batch_size``, ...) are accepted and ignored."""
+
 _REGISTRY: dict[str, ScorerFactory] = {}
+_LOCATORS: dict[str, ScorerLocator] = {}
 
 
-def register_scorer(name: str, factory: ScorerFactory, *, replace: bool = False) -> None:
+def register_scorer(
+    name: str, factory: ScorerFactory, *, replace: bool = False, locate: ScorerLocator | None = None
+) -> None:
     """Make a scorer loadable by name through :func:`load_scorer`.
 
     Args:
@@ -454,6 +511,8 @@ def register_scorer(name: str, factory: ScorerFactory, *, replace: bool = False)
         factory: Called as ``factory(source, **kwargs)``; returns the scorer on
             the CPU in float32 (``load_scorer`` moves it afterwards).
         replace: Allow replacing an existing registration (tests, reloads).
+        locate: Finds the files the factory needs, cheaply (see :data:`ScorerLocator`),
+            for :func:`check_scorer_available`; None: the scorer has none to find.
 
     Raises:
         ValueError: If ``name`` is taken and ``replace`` is False.
@@ -461,6 +520,10 @@ def register_scorer(name: str, factory: ScorerFactory, *, replace: bool = False)
     if name in _REGISTRY and not replace:
         raise ValueError(f"A scorer named '{name}' is already registered")
     _REGISTRY[name] = factory
+    if locate is None:
+        _LOCATORS.pop(name, None)
+    else:
+        _LOCATORS[name] = locate
 
 
 def available_scorers() -> list[str]:
@@ -493,15 +556,47 @@ def load_scorer(
         ValueError: For an unknown name.
         ModelNotAvailableError: If weights are not on this machine.
     """
+    scorer = _registered(name)(None if source is None else str(source), **kwargs)
+    return scorer.to(device, dtype)
+
+
+def _registered(name: str) -> ScorerFactory:
     try:
-        factory = _REGISTRY[name]
+        return _REGISTRY[name]
     except KeyError:
         raise ValueError(
             f"Unknown scorer '{name}'. Registered: {available_scorers()}. "
             "Scorers defined elsewhere (e.g. the toy world's learned reward) register themselves with register_scorer."
         ) from None
-    scorer = factory(None if source is None else str(source), **kwargs)
-    return scorer.to(device, dtype)
+
+
+def check_scorer_available(
+    name: str, source: str | Path | None = None, options: dict[str, Any] | None = None
+) -> ScorerFiles:
+    """Whether :func:`load_scorer` would find the scorer's files, without loading anything.
+
+    Runs the scorer's ``locate`` (the resolutions its ``load`` starts with):
+    milliseconds, no network, no model built, no weights read. It cannot tell
+    a corrupt or mismatched checkpoint; ``load`` still checks that.
+
+    Args:
+        name: One of :func:`available_scorers`.
+        source: As for :func:`load_scorer`.
+        options: The scorer's ``load`` options; those that do not name files are ignored.
+
+    Returns:
+        What was found, by role (empty for scorers with nothing to find).
+
+    Raises:
+        ValueError: For an unknown name.
+        ModelNotAvailableError: Naming every missing file or directory (``FileNotFoundError``
+            for the toy world's reward model).
+    """
+    _registered(name)
+    locate = _LOCATORS.get(name)
+    if locate is None:
+        return {}
+    return locate(None if source is None else str(source), **(options or {}))
 
 
 @contextmanager

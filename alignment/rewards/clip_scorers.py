@@ -18,12 +18,13 @@ from PIL import Image
 from torch import Tensor, nn
 from transformers import CLIPConfig, CLIPModel, CLIPTokenizer, CLIPVisionModelWithProjection
 
-from alignment.models import ModelNotAvailableError
 from alignment.rewards.base import (
     CLIP_SCORE,
     LAION_AESTHETIC,
     PICKSCORE,
+    FileResolutions,
     RewardScorer,
+    ScorerFiles,
     load_converted_state_dict,
     load_torch_checkpoint,
     pooled_features,
@@ -116,13 +117,21 @@ class ClipDualEncoderScorer(RewardScorer):
         """Map the per-pair cosine similarity to the published score scale."""
 
 
-def _load_clip_model(source: str, what: str) -> CLIPModel:
-    directory = resolve_directory(source, what, required_files=("config.json",), needs_weights=True)
+def _locate_clip_model(files: FileResolutions, role: str, source: str, what: str) -> None:
+    files.resolve(role, resolve_directory, source, what, required_files=("config.json",), needs_weights=True)
+
+
+def _locate_clip_processing(files: FileResolutions, role: str, source: str, what: str) -> None:
+    files.resolve(
+        role, resolve_directory, source, what, required_files=("preprocessor_config.json",), needs_tokenizer=True
+    )
+
+
+def _load_clip_model(directory: Path) -> CLIPModel:
     return CLIPModel.from_pretrained(directory, local_files_only=True).eval()
 
 
-def _load_clip_processing(source: str, what: str) -> tuple[CLIPTokenizer, Preprocess]:
-    directory = resolve_directory(source, what, required_files=("preprocessor_config.json",), needs_tokenizer=True)
+def _load_clip_processing(directory: Path) -> tuple[CLIPTokenizer, Preprocess]:
     return CLIPTokenizer.from_pretrained(directory, local_files_only=True), load_hf_image_processor(directory)
 
 
@@ -148,6 +157,18 @@ class PickScoreScorer(ClipDualEncoderScorer):
         return self.model.logit_scale.detach().float().exp().to(cosine.device) * cosine
 
     @classmethod
+    def locate(cls, source: str | None = None, *, processor_source: str = PICKSCORE_PROCESSOR, **_: Any) -> ScorerFiles:
+        """The files :meth:`load` reads (``"model"``, ``"processor"`` directories), found without loading them.
+
+        Raises:
+            ModelNotAvailableError: Naming every one that is missing.
+        """
+        files = FileResolutions()
+        _locate_clip_model(files, "model", source or PICKSCORE_MODEL, "PickScore model")
+        _locate_clip_processing(files, "processor", processor_source, "PickScore processor")
+        return files.result()
+
+    @classmethod
     def load(
         cls,
         source: str | None = None,
@@ -166,8 +187,9 @@ class PickScoreScorer(ClipDualEncoderScorer):
             batch_size: Images per forward pass.
         """
         model_source = source or PICKSCORE_MODEL
-        model = _load_clip_model(model_source, "PickScore model")
-        tokenizer, preprocess = _load_clip_processing(processor_source, "PickScore processor")
+        files = cls.locate(source, processor_source=processor_source)
+        model = _load_clip_model(files["model"])
+        tokenizer, preprocess = _load_clip_processing(files["processor"])
         metadata = {"source": model_source, "processor": processor_source, "backbone": "CLIP ViT-H/14"}
         return cls(model, tokenizer, preprocess, raw_cosine=raw_cosine, batch_size=batch_size, metadata=metadata)
 
@@ -186,6 +208,20 @@ class ClipScoreScorer(ClipDualEncoderScorer):
         return 100.0 * cosine.clamp(min=0)
 
     @classmethod
+    def locate(cls, source: str | None = None, *, processor_source: str | None = None, **_: Any) -> ScorerFiles:
+        """The files :meth:`load` reads (``"model"``, ``"processor"`` directories), found without loading them.
+
+        Raises:
+            ModelNotAvailableError: Naming every one that is missing.
+        """
+        model_source = source or CLIP_SCORE_MODEL
+        files = FileResolutions()
+        _locate_clip_model(files, "model", model_source, "CLIP score model")
+        if processor_source is not None or "model" in files.found:  # a missing model repo is named once
+            _locate_clip_processing(files, "processor", processor_source or model_source, "CLIP score processor")
+        return files.result()
+
+    @classmethod
     def load(
         cls, source: str | None = None, *, processor_source: str | None = None, batch_size: int = 8
     ) -> ClipScoreScorer:
@@ -197,8 +233,9 @@ class ClipScoreScorer(ClipDualEncoderScorer):
             batch_size: Images per forward pass.
         """
         model_source = source or CLIP_SCORE_MODEL
-        model = _load_clip_model(model_source, "CLIP score model")
-        tokenizer, preprocess = _load_clip_processing(processor_source or model_source, "CLIP score processor")
+        files = cls.locate(source, processor_source=processor_source)
+        model = _load_clip_model(files["model"])
+        tokenizer, preprocess = _load_clip_processing(files["processor"])
         metadata = {"source": model_source, "backbone": model_source, "score": "100 * max(cosine, 0)"}
         return cls(model, tokenizer, preprocess, batch_size=batch_size, metadata=metadata)
 
@@ -250,6 +287,31 @@ class LaionAestheticScorer(RewardScorer):
         return self.head(self._embed_image_batch(images))
 
     @classmethod
+    def locate(cls, source: str | None = None, *, clip_source: str = AESTHETIC_CLIP_MODEL, **_: Any) -> ScorerFiles:
+        """The files :meth:`load` reads (the ``"head"`` file, the ``"clip"`` directory), found without loading them.
+
+        Raises:
+            ModelNotAvailableError: Naming every one that is missing (``source`` is required).
+        """
+        files = FileResolutions()
+        if source is None:
+            files.missing(
+                f"The LAION aesthetic predictor needs source=<path to {AESTHETIC_WEIGHTS_FILE}> (from "
+                "christophschuhmann/improved-aesthetic-predictor on GitHub); it has no Hugging Face hub id."
+            )
+        else:
+            files.resolve("head", resolve_file, source, "LAION aesthetic head", AESTHETIC_WEIGHTS_FILE)
+        files.resolve(
+            "clip",
+            resolve_directory,
+            clip_source,
+            "aesthetic CLIP backbone",
+            required_files=("config.json", "preprocessor_config.json"),
+            needs_weights=True,
+        )
+        return files.result()
+
+    @classmethod
     def load(
         cls, source: str | None = None, *, clip_source: str = AESTHETIC_CLIP_MODEL, batch_size: int = 8
     ) -> LaionAestheticScorer:
@@ -264,18 +326,8 @@ class LaionAestheticScorer(RewardScorer):
                 (default ``openai/clip-vit-large-patch14``); its text tower is not loaded.
             batch_size: Images per forward pass.
         """
-        if source is None:
-            raise ModelNotAvailableError(
-                f"The LAION aesthetic predictor needs source=<path to {AESTHETIC_WEIGHTS_FILE}> (from "
-                "christophschuhmann/improved-aesthetic-predictor on GitHub); it has no Hugging Face hub id."
-            )
-        head_file = resolve_file(source, "LAION aesthetic head", AESTHETIC_WEIGHTS_FILE)
-        clip_directory = resolve_directory(
-            clip_source,
-            "aesthetic CLIP backbone",
-            required_files=("config.json", "preprocessor_config.json"),
-            needs_weights=True,
-        )
+        files = cls.locate(source, clip_source=clip_source)
+        head_file, clip_directory = files["head"], files["clip"]
 
         full_config = CLIPConfig.from_pretrained(clip_directory, local_files_only=True)
         vision_config = full_config.vision_config

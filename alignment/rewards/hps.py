@@ -55,6 +55,8 @@ from transformers import CLIPConfig, CLIPModel, CLIPTokenizer
 
 from alignment.rewards.base import (
     HPS_V21,
+    FileResolutions,
+    ScorerFiles,
     clip_style_preprocess,
     load_converted_state_dict,
     load_torch_checkpoint,
@@ -246,6 +248,19 @@ class HpsV21Scorer(ClipDualEncoderScorer):
         return self.scale * cosine
 
     @classmethod
+    def locate(cls, source: str | None = None, *, tokenizer_source: str = HPS_TOKENIZER, **_: Any) -> ScorerFiles:
+        """The files :meth:`load` reads (the ``"checkpoint"`` file, the ``"tokenizer"`` directory), found without
+        reading them.
+
+        Raises:
+            ModelNotAvailableError: Naming every one that is missing.
+        """
+        files = FileResolutions()
+        files.resolve("checkpoint", resolve_file, source or HPS_REPO, "HPSv2.1 checkpoint", HPS_V21_FILE)
+        files.resolve("tokenizer", resolve_directory, tokenizer_source, "HPS tokenizer", needs_tokenizer=True)
+        return files.result()
+
+    @classmethod
     def load(
         cls,
         source: str | None = None,
@@ -265,9 +280,9 @@ class HpsV21Scorer(ClipDualEncoderScorer):
             scale: Multiplier of the cosine (100: benchmark tables; 1: ``hpsv2.score``).
             batch_size: Images per forward pass.
         """
-        checkpoint_file = resolve_file(source or HPS_REPO, "HPSv2.1 checkpoint", HPS_V21_FILE)
-        tokenizer_directory = resolve_directory(tokenizer_source, "HPS tokenizer", needs_tokenizer=True)
-        tokenizer = CLIPTokenizer.from_pretrained(tokenizer_directory, local_files_only=True)
+        files = cls.locate(source, tokenizer_source=tokenizer_source)
+        checkpoint_file = files["checkpoint"]
+        tokenizer = CLIPTokenizer.from_pretrained(files["tokenizer"], local_files_only=True)
 
         config = copy.deepcopy(clip_config) if clip_config is not None else vit_h14_clip_config()
         # transformers pools at the first end token; it must be this tokenizer's.

@@ -51,10 +51,11 @@ from PIL import Image
 from torch import Tensor, nn
 from transformers import BertTokenizer, BlipTextConfig, BlipTextModel, BlipVisionConfig, BlipVisionModel
 
-from alignment.models import ModelNotAvailableError
 from alignment.rewards.base import (
     IMAGE_REWARD,
+    FileResolutions,
     RewardScorer,
+    ScorerFiles,
     clip_style_preprocess,
     load_converted_state_dict,
     load_torch_checkpoint,
@@ -232,9 +233,17 @@ def module_to_image_reward(state_dict: Mapping[str, Tensor]) -> dict[str, Tensor
     return converted
 
 
+def locate_blip_tokenizer(source: str) -> Path:
+    """The directory of :func:`load_blip_tokenizer`'s files (raises ``ModelNotAvailableError`` if missing)."""
+    return resolve_directory(source, "ImageReward (BERT) tokenizer", needs_tokenizer=True)
+
+
 def load_blip_tokenizer(source: str) -> BertTokenizer:
     """``bert-base-uncased`` with BLIP's extra tokens, from a local directory or the HF cache."""
-    directory = resolve_directory(source, "ImageReward (BERT) tokenizer", needs_tokenizer=True)
+    return _blip_tokenizer(locate_blip_tokenizer(source))
+
+
+def _blip_tokenizer(directory: Path) -> BertTokenizer:
     tokenizer = BertTokenizer.from_pretrained(directory, local_files_only=True)
     tokenizer.add_special_tokens(BLIP_EXTRA_TOKENS)
     return tokenizer
@@ -287,6 +296,38 @@ class ImageRewardScorer(RewardScorer):
         return (raw - IMAGE_REWARD_MEAN) / IMAGE_REWARD_STD
 
     @classmethod
+    def locate(
+        cls,
+        source: str | None = None,
+        *,
+        med_config: str | None = None,
+        tokenizer_source: str = IMAGE_REWARD_TOKENIZER,
+        **_: Any,
+    ) -> ScorerFiles:
+        """The files :meth:`load` reads (``"checkpoint"``, ``"med_config"``, the ``"tokenizer"`` directory),
+        found without reading them.
+
+        Raises:
+            ModelNotAvailableError: Naming every one that is missing (the default ``med_config``,
+                next to the checkpoint, is only looked for once the checkpoint is found).
+        """
+        files = FileResolutions()
+        checkpoint_file = files.resolve(
+            "checkpoint", resolve_file, source or IMAGE_REWARD_REPO, "ImageReward checkpoint", IMAGE_REWARD_FILE
+        )
+        if med_config is not None or checkpoint_file is not None:
+            med_config_file = Path(med_config) if med_config is not None else checkpoint_file.parent / MED_CONFIG_FILE
+            if med_config_file.is_file():
+                files.found["med_config"] = med_config_file
+            else:
+                files.missing(
+                    f"The ImageReward text-encoder config {med_config_file} does not exist "
+                    f"(it ships as {MED_CONFIG_FILE} in the hub repo {IMAGE_REWARD_REPO}); pass med_config=<path>."
+                )
+        files.resolve("tokenizer", locate_blip_tokenizer, tokenizer_source)
+        return files.result()
+
+    @classmethod
     def load(
         cls,
         source: str | None = None,
@@ -306,14 +347,9 @@ class ImageRewardScorer(RewardScorer):
             vision_config: Image encoder; default :func:`blip_vit_large_config` (tests pass tiny ones).
             batch_size: Images per forward pass.
         """
-        checkpoint_file = resolve_file(source or IMAGE_REWARD_REPO, "ImageReward checkpoint", IMAGE_REWARD_FILE)
-        med_config_file = Path(med_config) if med_config is not None else checkpoint_file.parent / MED_CONFIG_FILE
-        if not med_config_file.is_file():
-            raise ModelNotAvailableError(
-                f"The ImageReward text-encoder config {med_config_file} does not exist "
-                f"(it ships as {MED_CONFIG_FILE} in the hub repo {IMAGE_REWARD_REPO}); pass med_config=<path>."
-            )
-        tokenizer = load_blip_tokenizer(tokenizer_source)
+        files = cls.locate(source, med_config=med_config, tokenizer_source=tokenizer_source)
+        checkpoint_file, med_config_file = files["checkpoint"], files["med_config"]
+        tokenizer = _blip_tokenizer(files["tokenizer"])
 
         vision = vision_config if vision_config is not None else blip_vit_large_config()
         text = text_config_from_med_config(json.loads(med_config_file.read_text()), vision.hidden_size)
