@@ -13,9 +13,23 @@ are a ModelSpec and a TrainConfig, each as a JSON file or an inline JSON object.
 process writes ``OUT_DIR/weights`` (LoRA: ``pytorch_lora_weights.safetensors``,
 full: ``unet/``) and ``OUT_DIR/result.json`` (history, steps, timing).
 
-Launcher: :func:`launch_training` writes the inputs to a job directory, runs
-``accelerate launch`` in a subprocess and reads the result back. The training
-step uses it when ``training.num_processes > 1``.
+Streaming from latent shards, ``--manifest`` replaces ``--inputs``::
+
+    accelerate launch --multi_gpu --num_processes 2 -m alignment.launch \
+        --manifest LATENTS_DIR --buffer-shards 4 [--loader module:function] \
+        --model model.json --config train.json --out OUT_DIR
+
+``--manifest`` is a directory written by ``ShardManifest.save`` (or its
+``manifest.json``); every worker builds its own ``streaming_inputs`` over it
+with ``--loader`` (a module-level function, imported by name: default
+``alignment.shards:load_latent_shard``, local directories), follows the same
+``ShardedBatches`` order and keeps its slice of each global batch, so its
+buffer of ``--buffer-shards`` reads only the shards its slices touch.
+
+Launchers: :func:`launch_training` (in-memory inputs) and
+:func:`launch_streaming_training` (a shard manifest) write the inputs to a
+job directory, run ``accelerate launch`` in a subprocess and read the result
+back. The training steps use them when ``training.num_processes > 1``.
 
 Why a subprocess and not ZenML's ``run_with_accelerate`` (zenml 0.98,
 ``zenml.integrations.huggingface.steps``): it turns the step's inputs into
@@ -39,6 +53,7 @@ import tempfile
 from collections import deque
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pydantic
 import torch
@@ -49,8 +64,12 @@ from alignment.models import ModelSpec, load_components
 from alignment.train import PreferenceTrainer, TrainResult, save_trained_weights
 from alignment.train_config import TrainConfig
 
+if TYPE_CHECKING:
+    from alignment.shards import ShardManifest
+
 RESULT_FILE = "result.json"
 WEIGHTS_DIR = "weights"
+DEFAULT_LOADER = "alignment.shards:load_latent_shard"
 
 
 class LaunchError(RuntimeError):
@@ -95,12 +114,33 @@ def _load_inputs(directory: str) -> TrainingInputs:
     return TrainingInputs.load(path)
 
 
+def _load_manifest(value: str):
+    from alignment.shards import MANIFEST_FILE, ShardManifest
+
+    path = Path(value)
+    directory = path.parent if path.name == MANIFEST_FILE else path
+    try:
+        return ShardManifest.load(directory)
+    except FileNotFoundError:
+        raise SystemExit(
+            f"--manifest: {value} is not a shard manifest (no {MANIFEST_FILE}); write one with ShardManifest.save"
+        ) from None
+    except (KeyError, TypeError, ValueError) as error:
+        raise SystemExit(f"--manifest: {value} is not a valid shard manifest ({error})") from None
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m alignment.launch",
         description="One data-parallel training worker; start N of them with `accelerate launch`.",
     )
-    parser.add_argument("--inputs", required=True, help="directory written by TrainingInputs.save")
+    data = parser.add_mutually_exclusive_group(required=True)
+    data.add_argument("--inputs", help="directory written by TrainingInputs.save (in-memory training)")
+    data.add_argument("--manifest", help="shard manifest directory (ShardManifest.save) to stream the latent shards of")
+    parser.add_argument("--buffer-shards", type=int, default=4, help="with --manifest: shards each process holds at once")
+    parser.add_argument(
+        "--loader", default=DEFAULT_LOADER, help="with --manifest: module:function reading one shard URI into EncodedPairs"
+    )
     parser.add_argument("--model", required=True, help="ModelSpec as a JSON file or inline JSON object")
     parser.add_argument("--config", required=True, help="TrainConfig as a JSON file or inline JSON object")
     parser.add_argument("--out", required=True, help="output directory (weights/ and result.json)")
@@ -123,14 +163,34 @@ def _accelerator(config: TrainConfig):
     return Accelerator(mixed_precision=config.mixed_precision, cpu=launched and not torch.cuda.is_available())
 
 
+def _streaming_setup(args, config: TrainConfig, components, trainer_options: dict):
+    """The trainer of a ``--manifest`` worker: its own buffer over the manifest, the shared sharded order."""
+    from alignment.streaming import import_loader, sharded_batches, streaming_inputs, streaming_trainer
+
+    manifest = _load_manifest(args.manifest)
+    try:
+        loader = import_loader(args.loader)
+    except (ImportError, AttributeError, ValueError) as error:
+        raise SystemExit(f"--loader: {args.loader!r} cannot be imported ({error})") from None
+    inputs = streaming_inputs(manifest, buffer_shards=args.buffer_shards, loader=loader)
+    batches = sharded_batches(manifest, config.seed, args.buffer_shards)
+    trainer = streaming_trainer(components, inputs, config, batches=batches, **trainer_options)
+    return trainer, inputs.encoded.buffer
+
+
 def run_worker(argv: Sequence[str] | None = None) -> TrainResult:
     """Train on this process's share of every global batch; the main process writes the results."""
-    from accelerate.utils import set_seed
+    from accelerate.utils import gather_object, set_seed
 
     args = build_parser().parse_args(argv)
     model = _parse_model("--model", args.model, ModelSpec)
     config = _parse_model("--config", args.config, TrainConfig)
-    inputs = _load_inputs(args.inputs)
+    inputs = _load_inputs(args.inputs) if args.inputs is not None else None
+    if args.manifest is not None:
+        # Named before the process group forms.
+        _load_manifest(args.manifest)
+        if args.buffer_shards < 1:
+            raise SystemExit(f"--buffer-shards: at least 1, got {args.buffer_shards}")
     out = Path(args.out)
 
     accelerator = _accelerator(config)
@@ -141,17 +201,21 @@ def run_worker(argv: Sequence[str] | None = None) -> TrainResult:
     set_seed(config.seed, device_specific=True)
 
     components = load_components(model)
-    trainer = PreferenceTrainer(
-        components,
-        inputs,
-        config,
+    trainer_options = dict(
         checkpoint_dir=args.checkpoint_dir or out / "checkpoints",
         fingerprint=args.fingerprint,
         accelerator=accelerator,
         show_progress=args.progress,
     )
+    buffer = None
+    if inputs is not None:
+        trainer = PreferenceTrainer(components, inputs, config, **trainer_options)
+    else:
+        trainer, buffer = _streaming_setup(args, config, components, trainer_options)
     trainer.setup()
     result = trainer.train()
+    # Every process's buffer: what it read (a collective, so every process takes part).
+    streaming = gather_object([buffer.stats()]) if buffer is not None else None
     if accelerator.is_main_process:
         components.unet = trainer.trained_unet
         save_trained_weights(components, config, out / WEIGHTS_DIR)
@@ -164,6 +228,8 @@ def run_worker(argv: Sequence[str] | None = None) -> TrainResult:
             "num_processes": accelerator.num_processes,
             "distributed_type": accelerator.distributed_type.value,
         }
+        if streaming is not None:
+            payload["streaming"] = {"buffer_shards": args.buffer_shards, "processes": streaming}
         (out / RESULT_FILE).write_text(json.dumps(payload))
     accelerator.wait_for_everyone()
     accelerator.end_training()
@@ -213,16 +279,88 @@ def launch_training(
     Raises:
         LaunchError: If a worker fails; the message ends with its output.
     """
+
+    def write_inputs(job: Path) -> list[str]:
+        # A full copy: the workers read files, not the artifact the bundle may point at.
+        dataclasses.replace(as_training_inputs(inputs), encoded_source=None).save(job / "inputs")
+        return ["--inputs", str(job / "inputs")]
+
+    return _launch(
+        model, config, write_inputs, checkpoint_dir=checkpoint_dir, fingerprint=fingerprint, out_dir=out_dir,
+        log_fn=log_fn, print_fn=print_fn, show_progress=show_progress,
+    )  # fmt: skip
+
+
+def launch_streaming_training(
+    model: ModelSpec,
+    manifest: ShardManifest,
+    config: TrainConfig,
+    *,
+    buffer_shards: int,
+    loader: Callable | str | None = None,
+    checkpoint_dir: str | Path,
+    fingerprint: str = "",
+    out_dir: str | Path | None = None,
+    log_fn: Callable[[dict[str, float], int], None] | None = None,
+    print_fn: Callable[[str], None] = print,
+    show_progress: bool = False,
+) -> tuple[TrainResult, Path]:
+    """:func:`launch_training` streaming from the latent shards of ``manifest`` (a ``ShardManifest``).
+
+    Only the manifest goes to the job directory; every worker builds its own
+    ``streaming_inputs(manifest, buffer_shards=..., loader=...)``, follows
+    ``sharded_batches(manifest, config.seed, buffer_shards)`` (the order one
+    process follows) and keeps its slice of each global batch, so its buffer
+    reads only the shards its slices touch. The shards' URIs must be readable
+    by every worker with ``loader``: a module-level function (or its
+    ``"module:function"`` name), since the workers import it; default
+    :func:`alignment.shards.load_latent_shard` (local directories).
+
+    Returns:
+        As :func:`launch_training`; ``result.extra["streaming"]`` holds each
+        process's buffer statistics (``shard_loads``, ``most_shards_held``,
+        ``shards_loaded``: manifest positions), in process order.
+    """
+    from alignment.streaming import loader_reference
+
+    if buffer_shards < 1:
+        raise ValueError(f"the shard buffer must hold at least 1 shard, got {buffer_shards}")
+    if not manifest.shards:
+        raise ValueError("the shard manifest lists no shards")
+    reference = DEFAULT_LOADER if loader is None else loader if isinstance(loader, str) else loader_reference(loader)
+
+    def write_inputs(job: Path) -> list[str]:
+        manifest.save(job / "manifest")
+        return ["--manifest", str(job / "manifest"), "--buffer-shards", str(buffer_shards), "--loader", reference]
+
+    return _launch(
+        model, config, write_inputs, checkpoint_dir=checkpoint_dir, fingerprint=fingerprint, out_dir=out_dir,
+        log_fn=log_fn, print_fn=print_fn, show_progress=show_progress,
+    )  # fmt: skip
+
+
+def _launch(
+    model: ModelSpec,
+    config: TrainConfig,
+    write_inputs: Callable[[Path], list[str]],
+    *,
+    checkpoint_dir: str | Path,
+    fingerprint: str,
+    out_dir: str | Path | None,
+    log_fn: Callable[[dict[str, float], int], None] | None,
+    print_fn: Callable[[str], None],
+    show_progress: bool,
+) -> tuple[TrainResult, Path]:
+    """Write the job (``write_inputs`` returns the worker's data flags), run the workers, read the result."""
     out = Path(out_dir) if out_dir is not None else Path(tempfile.mkdtemp(prefix="alignment_launch_out_"))
     out.mkdir(parents=True, exist_ok=True)
     job = Path(tempfile.mkdtemp(prefix="alignment_launch_job_"))
     try:
-        # A full copy: the workers read files, not the artifact the bundle may point at.
-        dataclasses.replace(as_training_inputs(inputs), encoded_source=None).save(job / "inputs")
+        data_args = write_inputs(job)
         (job / "model.json").write_text(model.model_dump_json())
         (job / "config.json").write_text(config.model_dump_json())
         worker_args = [
-            "--inputs", str(job / "inputs"),
+            *data_args,
             "--model", str(job / "model.json"),
             "--config", str(job / "config.json"),
             "--out", str(out),
@@ -251,13 +389,16 @@ def launch_training(
     if log_fn is not None:
         for record in payload["history"]:
             log_fn({k: v for k, v in record.items() if k != "step"}, record["step"])
+    extra = {"num_processes": payload["num_processes"], "distributed_type": payload["distributed_type"]}
+    if "streaming" in payload:
+        extra["streaming"] = payload["streaming"]["processes"]
     result = TrainResult(
         history=payload["history"],
         final_step=payload["final_step"],
         resumed_from_step=payload["resumed_from_step"],
         seconds=payload["seconds"],
         trainable_parameters=payload["trainable_parameters"],
-        extra={"num_processes": payload["num_processes"], "distributed_type": payload["distributed_type"]},
+        extra=extra,
     )
     return result, out / WEIGHTS_DIR
 

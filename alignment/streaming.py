@@ -16,7 +16,10 @@ within each window; a global micro-batch is a slice of that sequence, so it
 touches at most two windows' shards. It is still a pure function of the seed
 and the micro-batch index (``alignment.inputs.BatchSource``): a resumed run
 sees the batches the uninterrupted one saw, and N processes, each keeping its
-slice of the global batch, train like one process. Trained on
+slice of the global batch, train like one process
+(``alignment.launch.launch_streaming_training``: every worker streams the same
+manifest through its own buffer, which reads only the shards of its slices;
+tests/test_streaming_distributed.py). Trained on
 ``in_memory_inputs(manifest)`` with the same ``ShardedBatches``, the weights
 are identical (tests/test_shards.py).
 """
@@ -24,6 +27,7 @@ are identical (tests/test_shards.py).
 from __future__ import annotations
 
 import functools
+import importlib
 import json
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
@@ -43,7 +47,10 @@ __all__ = [
     "streaming_inputs",
     "in_memory_inputs",
     "sharded_batches",
+    "streaming_trainer",
     "train_streaming",
+    "loader_reference",
+    "import_loader",
 ]
 
 # Random streams of the sharded order (the trainer's own draws use 0-3 and methods theirs).
@@ -56,8 +63,9 @@ _PER_PROMPT = ("prompt_embeds", "pooled_prompt_embeds")
 class ShardBuffer:
     """At most ``capacity`` latent shards in memory, least recently used out first.
 
-    ``loads`` counts shard reads and ``most_held`` the largest number held at
-    once, so tests and benchmarks can check the bound.
+    ``loads`` counts shard reads, ``most_held`` the largest number held at
+    once and ``loaded`` the positions ever read, so tests and benchmarks can
+    check the bound (and, under N processes, that each read only its shards).
     """
 
     def __init__(self, manifest: ShardManifest, capacity: int, loader: ShardLoader = load_latent_shard) -> None:
@@ -69,6 +77,7 @@ class ShardBuffer:
         self._held: OrderedDict[int, EncodedPairs] = OrderedDict()
         self.loads = 0
         self.most_held = 0
+        self.loaded: set[int] = set()
         sizes = torch.tensor([0, *manifest.shard_sizes], dtype=torch.int64)
         prompts = torch.tensor([0, *[s.prompts for s in manifest.shards]], dtype=torch.int64)
         self.pair_offsets = sizes.cumsum(0)
@@ -88,6 +97,7 @@ class ShardBuffer:
             raise RuntimeError(f"latent shard {entry.name} ({entry.uri}) holds {len(encoded)} pairs, the manifest says {entry.pairs}")
         self._held[position] = encoded
         self.loads += 1
+        self.loaded.add(position)
         for old in list(self._held):
             if len(self._held) <= self.capacity:
                 break
@@ -99,6 +109,10 @@ class ShardBuffer:
     @property
     def held(self) -> list[str]:
         return [self.manifest.shards[i].name for i in self._held]
+
+    def stats(self) -> dict:
+        """``shard_loads``, ``most_shards_held`` and the positions of the shards read (``shards_loaded``)."""
+        return {"shard_loads": self.loads, "most_shards_held": self.most_held, "shards_loaded": sorted(self.loaded)}
 
     def rows(self, name: str, index: torch.Tensor) -> torch.Tensor:
         """``tensor[index]`` of the virtual concatenation of every shard's ``name`` tensor."""
@@ -334,6 +348,31 @@ def sharded_batches(manifest: ShardManifest, seed: int, buffer_shards: int) -> S
 # training
 
 
+def streaming_trainer(components, inputs: TrainingInputs, config, *, batches, **trainer_options):
+    """A ``PreferenceTrainer`` (not yet set up) whose batch source is ``batches`` (a shard-aware order).
+
+    The trainer takes its batches from the method (``PreferenceMethod.batch_source``);
+    methods that plan their own batches (Diffusion-RPO's mined neighbours)
+    are refused here by name, since their plan indexes the whole data set.
+    ``trainer_options`` go to the trainer (``accelerator=`` for a worker of
+    ``alignment.launch``: each process keeps its slice of every global batch,
+    so its buffer only reads the shards its slices touch).
+    """
+    from alignment.methods import PreferenceMethod
+    from alignment.train import PreferenceTrainer
+
+    trainer = PreferenceTrainer(components, inputs, config, **trainer_options)
+    if type(trainer.method).batch_source is not PreferenceMethod.batch_source:
+        raise ValueError(
+            f"method {trainer.method.name!r} plans its own batches over the whole data set; "
+            "streaming training supports methods with the default random batches (sft, dpo, smpo)"
+        )
+    if batches.num_pairs != len(inputs):
+        raise ValueError(f"the batch order covers {batches.num_pairs} pairs but the inputs hold {len(inputs)}")
+    trainer.batches = batches
+    return trainer
+
+
 def train_streaming(
     components,
     inputs: TrainingInputs,
@@ -346,37 +385,63 @@ def train_streaming(
     log_fn=None,
     on_step_end=None,
 ):
-    """``alignment.train.train_alignment`` with the batch source set to ``batches`` (a shard-aware order).
+    """``alignment.train.train_alignment`` with the batch source set to ``batches`` (see :func:`streaming_trainer`).
 
-    The trainer takes its batches from the method (``PreferenceMethod.batch_source``);
-    methods that plan their own batches (Diffusion-RPO's mined neighbours)
-    are refused here by name, since their plan indexes the whole data set.
+    One process; ``alignment.launch.launch_streaming_training`` runs N.
     """
-    from alignment.methods import PreferenceMethod
-    from alignment.train import PreferenceTrainer
-
-    trainer = PreferenceTrainer(
+    trainer = streaming_trainer(
         components,
         inputs,
         config,
+        batches=batches,
         checkpoint_dir=checkpoint_dir,
         fingerprint=fingerprint,
         show_progress=show_progress,
         log_fn=log_fn,
         on_step_end=on_step_end,
     )
-    if type(trainer.method).batch_source is not PreferenceMethod.batch_source:
-        raise ValueError(
-            f"method {trainer.method.name!r} plans its own batches over the whole data set; "
-            "streaming training supports methods with the default random batches (sft, dpo, smpo)"
-        )
-    if batches.num_pairs != len(inputs):
-        raise ValueError(f"the batch order covers {batches.num_pairs} pairs but the inputs hold {len(inputs)}")
-    trainer.batches = batches
     trainer.setup()
     result = trainer.train()
     components.unet = trainer.trained_unet
     return result
+
+
+# ----------------------------------------------------------------------------
+# loaders by name (worker processes import them)
+
+
+def loader_reference(loader: ShardLoader) -> str:
+    """``"module:qualname"`` of a module-level shard loader, checked to import back to ``loader`` itself.
+
+    Worker processes cannot receive a closure or a lambda; they import the loader by this name.
+    """
+    module, qualname = getattr(loader, "__module__", None), getattr(loader, "__qualname__", None)
+    if not module or not qualname or "<" in qualname or module == "__main__":
+        raise ValueError(
+            f"shard loader {loader!r} is not importable by name (a lambda, closure or __main__ function): "
+            "worker processes import it, so define it at module level in an importable module"
+        )
+    reference = f"{module}:{qualname}"
+    try:
+        found = import_loader(reference)
+    except (ImportError, AttributeError) as error:
+        raise ValueError(f"shard loader {reference} cannot be imported back: {error}") from error
+    if found is not loader:
+        raise ValueError(f"shard loader {reference} imports as another object than the one given")
+    return reference
+
+
+def import_loader(reference: str) -> ShardLoader:
+    """The shard loader named ``"module:qualname"`` (as :func:`loader_reference` writes it)."""
+    module, _, qualname = reference.partition(":")
+    if not module or not qualname:
+        raise ValueError(f"shard loader {reference!r}: expected 'module:function'")
+    target = importlib.import_module(module)
+    for part in qualname.split("."):
+        target = getattr(target, part)
+    if not callable(target):
+        raise ValueError(f"shard loader {reference!r} is not callable")
+    return target
 
 
 def manifest_json(manifest: ShardManifest) -> str:

@@ -13,9 +13,11 @@ from zenml.io import fileio
 
 from alignment.config import OutputConfig
 from alignment.encoding import EncodedPairs
+from alignment.launch import launch_streaming_training
 from alignment.models import ModelSpec, load_components
 from alignment.shards import ShardingConfig, ShardManifest
-from alignment.streaming import sharded_batches, streaming_inputs, train_streaming as train_from_shards
+from alignment.streaming import sharded_batches, streaming_inputs
+from alignment.streaming import train_streaming as train_from_shards
 from alignment.train import run_fingerprint, save_trained_weights
 from alignment.train_config import TrainConfig
 from steps import tracking
@@ -55,13 +57,12 @@ def train_streaming(
 
     The order is shard-aware (``alignment.streaming.ShardedBatches``) and a
     pure function of the seed and the step, so a killed run resumes exactly
-    from its checkpoint, as ``train_alignment`` does.
+    from its checkpoint, as ``train_alignment`` does. With
+    ``training.num_processes > 1`` that many data-parallel workers
+    (``alignment.launch.launch_streaming_training``) each stream the manifest
+    through their own buffer of ``sharding.buffer_shards`` and keep their
+    slice of every global batch (only the shards of their slices are read).
     """
-    if training.num_processes > 1:
-        raise ValueError(
-            f"training.num_processes is {training.num_processes}: streaming training runs in one process "
-            "(alignment.launch does not pass a shard manifest to its workers yet); set it to 1"
-        )
     shards = ShardManifest.from_dict(manifest)
     inputs = streaming_inputs(shards, buffer_shards=sharding.buffer_shards, loader=load_from_store)
     fingerprint = run_fingerprint(inputs, model, training)
@@ -69,16 +70,34 @@ def train_streaming(
     tracking.log_config(
         {"training": training.model_dump(mode="json"), "model": model.model_dump(mode="json"), "run_fingerprint": fingerprint}
     )
-    components = load_components(model)
-    batches = sharded_batches(shards, training.seed, sharding.buffer_shards)
-    result = train_from_shards(
-        components, inputs, training, batches=batches, checkpoint_dir=checkpoint_dir, fingerprint=fingerprint,
-        log_fn=tracking.step_logger(),
-    )  # fmt: skip
-    weights_dir = Path(tempfile.mkdtemp(prefix=f"{training.method}_{model.arch}_weights_"))
-    save_trained_weights(components, training, weights_dir)
-    buffer = inputs.encoded.buffer
-    summary = {**result.summary(), "shard_loads": buffer.loads, "most_shards_held": buffer.most_held}
+    prefix = f"{training.method}_{model.arch}_"
+    if training.num_processes > 1:
+        # The workers load the model and their own shards. They import the loader by name: local shards
+        # need none of ZenML's (load_from_store would import every step into every worker).
+        local = all(os.path.isdir(entry.uri) for entry in shards.shards)
+        result, weights_dir = launch_streaming_training(
+            model, shards, training, buffer_shards=sharding.buffer_shards, loader=None if local else load_from_store,
+            checkpoint_dir=checkpoint_dir, fingerprint=fingerprint, out_dir=tempfile.mkdtemp(prefix=prefix + "launch_"),
+            log_fn=tracking.step_logger(),
+        )  # fmt: skip
+        per_process = result.extra["streaming"]
+        buffers = {
+            "shard_loads": sum(p["shard_loads"] for p in per_process),
+            "most_shards_held": max(p["most_shards_held"] for p in per_process),
+            "num_processes": training.num_processes,
+        }
+    else:
+        components = load_components(model)
+        batches = sharded_batches(shards, training.seed, sharding.buffer_shards)
+        result = train_from_shards(
+            components, inputs, training, batches=batches, checkpoint_dir=checkpoint_dir, fingerprint=fingerprint,
+            log_fn=tracking.step_logger(),
+        )  # fmt: skip
+        weights_dir = Path(tempfile.mkdtemp(prefix=prefix + "weights_"))
+        save_trained_weights(components, training, weights_dir)
+        buffer = inputs.encoded.buffer
+        buffers = {"shard_loads": buffer.loads, "most_shards_held": buffer.most_held}
+    summary = {**result.summary(), **buffers}
     metrics = {
         "summary": summary,
         "history": result.history,
