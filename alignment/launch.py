@@ -139,6 +139,9 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument("--manifest", help="shard manifest directory (ShardManifest.save) to stream the latent shards of")
     parser.add_argument("--buffer-shards", type=int, default=4, help="with --manifest: shards each process holds at once")
     parser.add_argument(
+        "--soft-labels", help="with --manifest: JSON of per-pair soft labels (alignment.shard_scoring) for SmPO"
+    )
+    parser.add_argument(
         "--loader", default=DEFAULT_LOADER, help="with --manifest: module:function reading one shard URI into EncodedPairs"
     )
     parser.add_argument("--model", required=True, help="ModelSpec as a JSON file or inline JSON object")
@@ -173,6 +176,10 @@ def _streaming_setup(args, config: TrainConfig, components, trainer_options: dic
     except (ImportError, AttributeError, ValueError) as error:
         raise SystemExit(f"--loader: {args.loader!r} cannot be imported ({error})") from None
     inputs = streaming_inputs(manifest, buffer_shards=args.buffer_shards, loader=loader)
+    if args.soft_labels is not None:  # SmPO: the per-pair labels smooth_shards wrote, same on every worker
+        from alignment.shard_scoring import labelled_streaming_inputs
+
+        inputs = labelled_streaming_inputs(inputs, json.loads(Path(args.soft_labels).read_text()))
     batches = sharded_batches(manifest, config.seed, args.buffer_shards)
     trainer = streaming_trainer(components, inputs, config, batches=batches, **trainer_options)
     return trainer, inputs.encoded.buffer
@@ -298,6 +305,7 @@ def launch_streaming_training(
     *,
     buffer_shards: int,
     loader: Callable | str | None = None,
+    soft_labels: dict | None = None,
     checkpoint_dir: str | Path,
     fingerprint: str = "",
     out_dir: str | Path | None = None,
@@ -320,6 +328,10 @@ def launch_streaming_training(
         As :func:`launch_training`; ``result.extra["streaming"]`` holds each
         process's buffer statistics (``shard_loads``, ``most_shards_held``,
         ``shards_loaded``: manifest positions), in process order.
+
+    ``soft_labels`` (SmPO's, from ``alignment.shard_scoring.reduce_shard_scores``)
+    go to the job directory as JSON; every worker labels its streamed pairs
+    with them (``labelled_streaming_inputs``).
     """
     from alignment.streaming import loader_reference
 
@@ -331,7 +343,11 @@ def launch_streaming_training(
 
     def write_inputs(job: Path) -> list[str]:
         manifest.save(job / "manifest")
-        return ["--manifest", str(job / "manifest"), "--buffer-shards", str(buffer_shards), "--loader", reference]
+        flags = ["--manifest", str(job / "manifest"), "--buffer-shards", str(buffer_shards), "--loader", reference]
+        if soft_labels is not None:
+            (job / "soft_labels.json").write_text(json.dumps(soft_labels))
+            flags += ["--soft-labels", str(job / "soft_labels.json")]
+        return flags
 
     return _launch(
         model, config, write_inputs, checkpoint_dir=checkpoint_dir, fingerprint=fingerprint, out_dir=out_dir,

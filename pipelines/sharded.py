@@ -68,15 +68,6 @@ SHARDED_PAIR_INPUTS = {"smpo": (_smpo_scores, _smpo_labels, ("soft_labels",), [s
 extra inputs, their names, the fanned-out step templates): the sharded ``pipelines/methods/<method>.py``."""
 
 
-def _streaming_takes(names: tuple[str, ...], pipeline_name: str) -> None:
-    unknown = sorted(set(names) - set(inspect.signature(train_streaming.entrypoint).parameters))
-    if unknown:
-        raise NotImplementedError(
-            f"pipeline {pipeline_name}: steps/train_streaming.py takes no {', '.join(unknown)} input yet "
-            "(alignment.shard_scoring.labelled_streaming_inputs is the adapter it needs)"
-        )
-
-
 def _align_sharded(name: str, arch: str, method: str, params: dict) -> None:
     from pipelines.alignment import _check
 
@@ -84,8 +75,7 @@ def _align_sharded(name: str, arch: str, method: str, params: dict) -> None:
     _check(name, arch, method, model, training)
     if training.finetune != "lora":
         raise ValueError(f"pipeline {name} trains LoRA adapters; training.finetune is {training.finetune!r}")
-    fan_out, reduce, names, _templates = SHARDED_PAIR_INPUTS.get(method, (None, None, (), []))
-    _streaming_takes(names, name)
+    fan_out, reduce, _names, _templates = SHARDED_PAIR_INPUTS.get(method, (None, None, (), []))
     listed = list_preference_shards(data=data, sharding=params["sharding"])
     items = listed.load()
     encoded = [

@@ -15,6 +15,7 @@ from alignment.config import OutputConfig
 from alignment.encoding import EncodedPairs
 from alignment.launch import launch_streaming_training
 from alignment.models import ModelSpec, load_components
+from alignment.shard_scoring import labelled_streaming_inputs
 from alignment.shards import ShardingConfig, ShardManifest
 from alignment.streaming import sharded_batches, streaming_inputs
 from alignment.streaming import train_streaming as train_from_shards
@@ -40,7 +41,9 @@ def load_from_store(uri: str) -> EncodedPairs:
 # ``depends_on``), not from ``with_options`` made at run time: so the streamable methods' code is in
 # the cache key here, and the weights artifact is named for LoRA (the sharded pipelines train LoRA).
 @step(
-    cache_policy=cache_on(__name__, "alignment.methods.dpo", "alignment.methods.sft", data=TOY_BASE_MODELS),
+    cache_policy=cache_on(
+        __name__, "alignment.methods.dpo", "alignment.methods.sft", "alignment.methods.smpo", data=TOY_BASE_MODELS
+    ),
     substitutions={"weights_artifact": WEIGHTS_ARTIFACT["lora"]},
 )
 def train_streaming(
@@ -49,6 +52,7 @@ def train_streaming(
     training: TrainConfig,
     output: OutputConfig,
     sharding: ShardingConfig,
+    soft_labels: dict | None = None,
 ) -> tuple[
     Annotated[Path, ArtifactConfig(name="{weights_artifact}", artifact_type=ArtifactType.MODEL)],
     Annotated[dict, ArtifactConfig(name="training_metrics")],
@@ -65,6 +69,8 @@ def train_streaming(
     """
     shards = ShardManifest.from_dict(manifest)
     inputs = streaming_inputs(shards, buffer_shards=sharding.buffer_shards, loader=load_from_store)
+    if soft_labels is not None:  # SmPO: smooth_shards' per-pair labels, indexed like the streamed pairs
+        inputs = labelled_streaming_inputs(inputs, soft_labels)
     fingerprint = run_fingerprint(inputs, model, training)
     checkpoint_dir = repo_path(output.checkpoint_root) / fingerprint
     tracking.log_config(
@@ -77,7 +83,7 @@ def train_streaming(
         local = all(os.path.isdir(entry.uri) for entry in shards.shards)
         result, weights_dir = launch_streaming_training(
             model, shards, training, buffer_shards=sharding.buffer_shards, loader=None if local else load_from_store,
-            checkpoint_dir=checkpoint_dir, fingerprint=fingerprint, out_dir=tempfile.mkdtemp(prefix=prefix + "launch_"),
+            soft_labels=soft_labels, checkpoint_dir=checkpoint_dir, fingerprint=fingerprint, out_dir=tempfile.mkdtemp(prefix=prefix + "launch_"),
             log_fn=tracking.step_logger(),
         )  # fmt: skip
         per_process = result.extra["streaming"]

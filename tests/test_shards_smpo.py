@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import os
-
 import pandas as pd
 import pytest
 import torch
@@ -117,20 +115,8 @@ def test_streaming_bundle_with_soft_labels_gathers_the_in_memory_smpo_batches(sc
         assert torch.equal(got.extras[SOFT_LABEL], want.extras[SOFT_LABEL])
 
 
-def _streaming_takes_soft_labels() -> bool:
-    import inspect
-
-    from steps.train_streaming import train_streaming
-
-    return "soft_labels" in inspect.signature(train_streaming.entrypoint).parameters
-
-
 @pytest.mark.pipeline
 def test_smpo_sdxl_sharded_tiny_scores_per_shard_and_trains_on_global_soft_labels(tmp_path):
-    if not _streaming_takes_soft_labels():
-        pytest.skip("steps/train_streaming.py takes no soft_labels input yet (alignment.shard_scoring's adapter)")
-    if os.environ.get("ALIGNMENT_SHARDED_SMPO_PIPELINE") != "1":
-        pytest.skip("about 2.5 min on 2 cores: set ALIGNMENT_SHARDED_SMPO_PIPELINE=1 to run it")
     from zenml.client import Client
 
     from pipelines import PIPELINES, configuration
@@ -145,7 +131,9 @@ def test_smpo_sdxl_sharded_tiny_scores_per_shard_and_trains_on_global_soft_label
             f"parameters.data.path={data}",
             "parameters.model.resolution=32",
             "parameters.training.max_train_steps=2",
-            "parameters.training.train_batch_size=2",
+            # 2 data-parallel workers: the labels reach each worker through the launcher's job directory
+            "parameters.training.train_batch_size=1",
+            "parameters.training.num_processes=2",
             "parameters.sharding.buffer_shards=2",
             "parameters.evaluation.scorer=none",
             "parameters.evaluation.prompt_set=list",
@@ -167,4 +155,4 @@ def test_smpo_sdxl_sharded_tiny_scores_per_shard_and_trains_on_global_soft_label
     expected, _ = reduce_shard_scores(records, ShardManifest.from_dict(manifest), SmoothingConfig(bounds="data"))
     assert labels["soft_label"] == expected["soft_label"] and len(labels["soft_label"]) == manifest["pairs"]
     metrics = run.steps["train_streaming"].outputs["training_metrics"][0].load()
-    assert metrics["summary"]["final_step"] == 2
+    assert metrics["summary"]["final_step"] == 2 and metrics["summary"]["num_processes"] == 2
