@@ -166,6 +166,12 @@ def _accelerator(config: TrainConfig):
     return Accelerator(mixed_precision=config.mixed_precision, cpu=launched and not torch.cuda.is_available())
 
 
+# By reference, like the loader: the labeller (and SmPO's method module behind it) is code of the
+# streaming step, whose cache key names it; a static import here would put SmPO into the key of every
+# in-memory training step, which runs launch.py but never labels shards.
+SOFT_LABELLER = "alignment.shard_scoring:labelled_streaming_inputs"
+
+
 def _streaming_setup(args, config: TrainConfig, components, trainer_options: dict):
     """The trainer of a ``--manifest`` worker: its own buffer over the manifest, the shared sharded order."""
     from alignment.streaming import import_loader, sharded_batches, streaming_inputs, streaming_trainer
@@ -177,9 +183,8 @@ def _streaming_setup(args, config: TrainConfig, components, trainer_options: dic
         raise SystemExit(f"--loader: {args.loader!r} cannot be imported ({error})") from None
     inputs = streaming_inputs(manifest, buffer_shards=args.buffer_shards, loader=loader)
     if args.soft_labels is not None:  # SmPO: the per-pair labels smooth_shards wrote, same on every worker
-        from alignment.shard_scoring import labelled_streaming_inputs
-
-        inputs = labelled_streaming_inputs(inputs, json.loads(Path(args.soft_labels).read_text()))
+        label = import_loader(SOFT_LABELLER)
+        inputs = label(inputs, json.loads(Path(args.soft_labels).read_text()))
     batches = sharded_batches(manifest, config.seed, args.buffer_shards)
     trainer = streaming_trainer(components, inputs, config, batches=batches, **trainer_options)
     return trainer, inputs.encoded.buffer
