@@ -22,6 +22,19 @@ ELEMENT_TOLERANCE = 1e-5
 MAX_ELEMENTS_OFF = 1e-3  # fraction of LoRA elements allowed past ELEMENT_TOLERANCE (measured 0.008%)
 
 
+def assert_trains_like_one_process(actual: dict, expected: dict) -> None:
+    """The whole-run criterion: ``actual`` (the saved file, keys under "unet.") against ``expected``'s LoRA."""
+    assert set(actual) == {f"unet.{key}" for key in expected}
+    differences = [actual[f"unet.{key}"] - value for key, value in expected.items()]
+    learned = sum(v.square().sum() for k, v in expected.items() if k.endswith("lora.up.weight")).sqrt().item()
+    relative = sum(d.square().sum() for d in differences).sqrt().item() / learned
+    elements_off = sum((d.abs() > ELEMENT_TOLERANCE).sum().item() for d in differences)
+    total = sum(d.numel() for d in differences)
+    assert learned > 0.05, "the LoRA barely moved: the comparison would prove nothing"
+    assert relative < RELATIVE_TOLERANCE, f"2 processes differ from 1 by {relative:.3g} of the learned norm"
+    assert elements_off <= MAX_ELEMENTS_OFF * total, f"{elements_off} of {total} LoRA elements differ"
+
+
 @pytest.fixture(scope="module")
 def pairs():
     # 6 pairs with a global batch of 4: the third micro-batch wraps into the second epoch's shuffle.
@@ -56,15 +69,7 @@ def test_two_processes_match_one_process_with_the_same_global_batch(tmp_path, pa
     actual = load_file(str(weights_dir / LORA_WEIGHTS_FILE))
 
     # the file holds the keys pipe.load_lora_weights expects: lora_state_dict's, under "unet."
-    assert set(actual) == {f"unet.{key}" for key in expected}
-    differences = [actual[f"unet.{key}"] - value for key, value in expected.items()]
-    learned = sum(v.square().sum() for k, v in expected.items() if k.endswith("lora.up.weight")).sqrt().item()
-    relative = sum(d.square().sum() for d in differences).sqrt().item() / learned
-    elements_off = sum((d.abs() > ELEMENT_TOLERANCE).sum().item() for d in differences)
-    total = sum(d.numel() for d in differences)
-    assert learned > 0.05, "the LoRA barely moved: the comparison would prove nothing"
-    assert relative < RELATIVE_TOLERANCE, f"2 processes differ from 1 by {relative:.3g} of the learned norm"
-    assert elements_off <= MAX_ELEMENTS_OFF * total, f"{elements_off} of {total} LoRA elements differ"
+    assert_trains_like_one_process(actual, expected)
 
     for a, b in zip(one.history, two.history, strict=True):
         assert a["step"] == b["step"]
