@@ -253,7 +253,7 @@ def test_streamed_bundle_reads_the_same_rows_as_the_in_memory_one(manifest):
 
 
 @pytest.mark.parametrize("profile", [None, "tiny", "toy", "gpu", "k8s", "vertex"])
-@pytest.mark.parametrize("name", ["dpo_sdxl_sharded", "dpo_sd15_sharded"])
+@pytest.mark.parametrize("name", ["dpo_sdxl_sharded", "dpo_sd15_sharded", "smpo_sdxl_sharded", "smpo_sd15_sharded"])
 def test_sharded_configs_validate_and_cluster_profiles_give_every_shard_a_gpu(name, profile):
     from zenml.config.pipeline_run_configuration import PipelineRunConfiguration
 
@@ -267,3 +267,5 @@ def test_sharded_configs_validate_and_cluster_profiles_give_every_shard_a_gpu(na
     if profile in ("k8s", "vertex"):
         assert config["steps"]["encode_shard"]["settings"]["resources"]["gpu_count"] == 1
         assert config["steps"]["train_streaming"]["step_operator"] is True
+        if name.startswith("smpo"):  # its per-shard reward scoring runs on a GPU too
+            assert config["steps"]["score_shard"]["settings"]["resources"]["gpu_count"] == 1
