@@ -102,6 +102,25 @@ def _digest(data: Any) -> str | None:
     return hashlib.sha1(bytes(data)).hexdigest()
 
 
+def _pair_key_of_digests(caption: Any, digest_a: str, digest_b: str) -> str:
+    # The same caption with the same two images (in either order) is one pair shown twice, whatever its labels say.
+    joined = "\x00".join([str(caption), *sorted((digest_a, digest_b))])
+    return hashlib.sha1(joined.encode()).hexdigest()[:16]
+
+
+def pair_key(caption: Any, image_a: Any, image_b: Any) -> str | None:
+    """The key the suite's uniqueness check compares: caption + both images' bytes, image order ignored.
+
+    None when an image has no bytes (the decode check reports those rows).
+    The sharded path keys each shard's pairs with it to find a pair repeated
+    in another shard, which a per-shard suite cannot see.
+    """
+    digest_a, digest_b = _digest(image_a), _digest(image_b)
+    if digest_a is None or digest_b is None:
+        return None
+    return _pair_key_of_digests(caption, digest_a, digest_b)
+
+
 def _image_size(data: Any, row_id: str, column: str, decode: bool) -> tuple[float, float, str | None]:
     """(width, height, error). ``decode=False`` reads only the header (cheap, misses truncation)."""
     try:
@@ -171,16 +190,11 @@ def derive_columns(
         rows["images_identical"] = [
             None if a is None or b is None else a == b for a, b in zip(first, second, strict=True)
         ]
-        # The same caption with the same two images (in either order) is one
-        # pair shown twice, whatever its labels say.
-        keys = []
-        for caption, a, b in zip(rows["caption"], first, second, strict=True):
-            if a is None or b is None:
-                keys.append(None)  # no bytes: reported by the decode check, not as a duplicate
-                continue
-            joined = "\x00".join([str(caption), *sorted((a, b))])
-            keys.append(hashlib.sha1(joined.encode()).hexdigest()[:16])
-        rows["pair_key"] = keys
+        # No bytes: reported by the decode check, not as a duplicate.
+        rows["pair_key"] = [
+            None if a is None or b is None else _pair_key_of_digests(caption, a, b)
+            for caption, a, b in zip(rows["caption"], first, second, strict=True)
+        ]
     return rows, errors
 
 

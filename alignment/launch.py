@@ -70,6 +70,7 @@ if TYPE_CHECKING:
 RESULT_FILE = "result.json"
 WEIGHTS_DIR = "weights"
 DEFAULT_LOADER = "alignment.shards:load_latent_shard"
+DEFAULT_INVERSION_LOADER = "alignment.shard_inversion:load_inversion_shard"
 
 
 class LaunchError(RuntimeError):
@@ -144,6 +145,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--loader", default=DEFAULT_LOADER, help="with --manifest: module:function reading one shard URI into EncodedPairs"
     )
+    parser.add_argument(
+        "--inversion-manifest", help="with --soft-labels: manifest of SmPO's inversion shards (cached mode)"
+    )
+    parser.add_argument(
+        "--inversion-loader", default=DEFAULT_INVERSION_LOADER,
+        help="with --inversion-manifest: module:function reading one inversion shard URI",
+    )  # fmt: skip
     parser.add_argument("--model", required=True, help="ModelSpec as a JSON file or inline JSON object")
     parser.add_argument("--config", required=True, help="TrainConfig as a JSON file or inline JSON object")
     parser.add_argument("--out", required=True, help="output directory (weights/ and result.json)")
@@ -170,6 +178,7 @@ def _accelerator(config: TrainConfig):
 # streaming step, whose cache key names it; a static import here would put SmPO into the key of every
 # in-memory training step, which runs launch.py but never labels shards.
 SOFT_LABELLER = "alignment.shard_scoring:labelled_streaming_inputs"
+INVERSION_ATTACHER = "alignment.shard_inversion:with_cached_inversion"
 
 
 def _streaming_setup(args, config: TrainConfig, components, trainer_options: dict):
@@ -183,8 +192,18 @@ def _streaming_setup(args, config: TrainConfig, components, trainer_options: dic
         raise SystemExit(f"--loader: {args.loader!r} cannot be imported ({error})") from None
     inputs = streaming_inputs(manifest, buffer_shards=args.buffer_shards, loader=loader)
     if args.soft_labels is not None:  # SmPO: the per-pair labels smooth_shards wrote, same on every worker
-        label = import_loader(SOFT_LABELLER)
-        inputs = label(inputs, json.loads(Path(args.soft_labels).read_text()))
+        labels = json.loads(Path(args.soft_labels).read_text())
+        inputs = import_loader(SOFT_LABELLER)(inputs, labels)
+        if args.inversion_manifest is not None:  # cached mode: the inversion shards, through a buffer of their own
+            inversions = _load_manifest(args.inversion_manifest)
+            try:
+                loader = import_loader(args.inversion_loader)
+            except (ImportError, AttributeError, ValueError) as error:
+                raise SystemExit(f"--inversion-loader: {args.inversion_loader!r} cannot be imported ({error})") from None
+            attach = import_loader(INVERSION_ATTACHER)
+            inputs = attach(inputs, labels, inversions, buffer_shards=args.buffer_shards, loader=loader)
+    elif args.inversion_manifest is not None:
+        raise SystemExit("--inversion-manifest needs --soft-labels (cached inversion is SmPO's)")
     batches = sharded_batches(manifest, config.seed, args.buffer_shards)
     trainer = streaming_trainer(components, inputs, config, batches=batches, **trainer_options)
     return trainer, inputs.encoded.buffer
@@ -311,6 +330,8 @@ def launch_streaming_training(
     buffer_shards: int,
     loader: Callable | str | None = None,
     soft_labels: dict | None = None,
+    inversions: ShardManifest | None = None,
+    inversion_loader: Callable | str | None = None,
     checkpoint_dir: str | Path,
     fingerprint: str = "",
     out_dir: str | Path | None = None,
@@ -336,7 +357,10 @@ def launch_streaming_training(
 
     ``soft_labels`` (SmPO's, from ``alignment.shard_scoring.reduce_shard_scores``)
     go to the job directory as JSON; every worker labels its streamed pairs
-    with them (``labelled_streaming_inputs``).
+    with them (``labelled_streaming_inputs``). ``inversions``, the manifest of
+    SmPO's inversion shards (cached mode, ``alignment.shard_inversion``), go
+    there too, read by every worker with ``inversion_loader`` (default: local
+    directories).
     """
     from alignment.streaming import loader_reference
 
@@ -345,6 +369,12 @@ def launch_streaming_training(
     if not manifest.shards:
         raise ValueError("the shard manifest lists no shards")
     reference = DEFAULT_LOADER if loader is None else loader if isinstance(loader, str) else loader_reference(loader)
+    if inversions is not None and soft_labels is None:
+        raise ValueError("inversion shards need soft labels: cached inversion is SmPO's")
+    inversion_reference = (
+        DEFAULT_INVERSION_LOADER if inversion_loader is None
+        else inversion_loader if isinstance(inversion_loader, str) else loader_reference(inversion_loader)
+    )  # fmt: skip
 
     def write_inputs(job: Path) -> list[str]:
         manifest.save(job / "manifest")
@@ -352,6 +382,9 @@ def launch_streaming_training(
         if soft_labels is not None:
             (job / "soft_labels.json").write_text(json.dumps(soft_labels))
             flags += ["--soft-labels", str(job / "soft_labels.json")]
+        if inversions is not None:
+            inversions.save(job / "inversions")
+            flags += ["--inversion-manifest", str(job / "inversions"), "--inversion-loader", inversion_reference]
         return flags
 
     return _launch(

@@ -38,7 +38,7 @@ import os
 import shutil
 import uuid
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import pandas as pd
@@ -51,7 +51,7 @@ from tqdm.auto import tqdm
 
 from alignment.config import ValidationConfig
 from alignment.data import REQUIRED_COLUMNS, PreferenceDataError, find_split_files, prepare_pairs
-from alignment.encoding import EncodedPairs, encode_pairs
+from alignment.encoding import META_FILE, EncodedPairs, encode_pairs
 
 __all__ = [
     "ShardInfo",
@@ -352,6 +352,100 @@ def aggregate_validation(results: Sequence[ShardValidation | dict]) -> dict:
 
 
 # --------------------------------------------------------------------------- #
+# Pairs repeated across shards
+# --------------------------------------------------------------------------- #
+
+REPEAT_CHECK = "pair_unique_across_shards"
+PAIR_KEYS = "pair_keys"
+
+
+def shard_pair_keys(pairs: pd.DataFrame) -> list[str | None]:
+    """Each pair's key (caption + both images, image order ignored): what the suite's uniqueness check compares."""
+    from alignment.gx_suite import pair_key
+
+    return [pair_key(*row) for row in zip(pairs["caption"], pairs["image_w"], pairs["image_l"], strict=True)]
+
+
+@dataclass(frozen=True)
+class RepeatedPair:
+    """A pair of ``shard`` (at ``position`` in its latent shard) that repeats one of an earlier shard."""
+
+    shard: str
+    position: int
+    row_id: str
+    first_shard: str
+    first_row_id: str
+
+
+def find_repeats_across_shards(shards: Sequence[tuple[str, Sequence[str | None], Sequence[str]]]) -> list[RepeatedPair]:
+    """Pairs shown twice in different shards, which the per-shard suites cannot see.
+
+    Args:
+        shards: ``(shard name, pair keys, row ids)`` in shard order; the keys
+            of one shard are already unique (its own suite checked them).
+
+    Returns:
+        Every occurrence after the first, in shard order: the first stays.
+    """
+    first_seen: dict[str, tuple[str, str]] = {}
+    repeats: list[RepeatedPair] = []
+    for name, keys, row_ids in shards:
+        if len(keys) != len(row_ids):
+            raise ValueError(f"shard {name}: {len(keys)} pair keys for {len(row_ids)} rows")
+        for position, (key, row_id) in enumerate(zip(keys, row_ids, strict=True)):
+            if key is None:
+                continue
+            if key in first_seen:
+                repeats.append(RepeatedPair(name, position, str(row_id), *first_seen[key]))
+            else:
+                first_seen[key] = (name, str(row_id))
+    return repeats
+
+
+def apply_repeats(report: dict, repeats: Sequence[RepeatedPair]) -> dict[str, tuple[int, ...]]:
+    """Record pairs repeated across shards in an aggregate report (``aggregate_validation``'s), as the mode says.
+
+    ``stop``: one failure per shard holding repeats, naming its rows and the
+    shard and row each repeats; the report no longer passes. ``quarantine``:
+    the repeats are counted under ``quarantined`` and returned, per shard, as
+    the positions training skips (``LatentShard.excluded``).
+    """
+    by_shard: dict[str, list[RepeatedPair]] = {}
+    for repeat in repeats:
+        by_shard.setdefault(repeat.shard, []).append(repeat)
+    if not by_shard:
+        return {}
+    if report.get("mode") == "quarantine":
+        report["quarantined"][REPEAT_CHECK] = {
+            "count": len(repeats),
+            "row_ids": [f"{r.shard}/{r.row_id}" for r in repeats[:_MAX_REPORT_ROWS]],
+        }
+        report["stats"]["quarantined_rows"] = report["stats"].get("quarantined_rows", 0) + len(repeats)
+        report["stats"][f"quarantined/{REPEAT_CHECK}"] = len(repeats)
+        return {name: tuple(r.position for r in found) for name, found in by_shard.items()}
+    for name, found in by_shard.items():
+        example = found[0]
+        report["failures"].append(
+            {
+                "shard": name,
+                "check": REPEAT_CHECK,
+                "message": (
+                    f"{len(found)} pair(s) repeat a pair of an earlier shard (same caption and images), e.g. row "
+                    f"{example.row_id} repeats {example.first_shard}/{example.first_row_id}"
+                ),
+                "row_ids": [r.row_id for r in found[:_MAX_REPORT_ROWS]],
+            }
+        )
+    report["passed"] = False
+    return {}
+
+
+def exclude_repeats(entries: Sequence[LatentShard], excluded: dict[str, tuple[int, ...]]) -> list[LatentShard]:
+    """The manifest entries with the quarantined repeats of ``apply_repeats`` set aside."""
+    return [replace(e, excluded=excluded[e.name]) if e.name in excluded else e for e in entries]
+
+
+# --------------------------------------------------------------------------- #
 # Encoding one shard
 # --------------------------------------------------------------------------- #
 
@@ -379,13 +473,19 @@ class LatentShard:
     prompts: int
     uri: str
     stats: dict = field(default_factory=dict)
+    excluded: tuple[int, ...] = ()
+    """Positions of pairs training skips: repeats of a pair of an earlier shard (quarantine mode)."""
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        return {**asdict(self), "excluded": list(self.excluded)}
 
     @classmethod
     def from_dict(cls, data: dict) -> LatentShard:
-        return cls(**{k: data[k] for k in ("name", "key", "source_fingerprint", "pairs", "prompts", "uri")}, stats=dict(data.get("stats", {})))
+        return cls(
+            **{k: data[k] for k in ("name", "key", "source_fingerprint", "pairs", "prompts", "uri")},
+            stats=dict(data.get("stats", {})),
+            excluded=tuple(int(i) for i in data.get("excluded", ())),
+        )
 
 
 def _shard_dir(root: Path, name: str, key: str) -> Path:
@@ -426,6 +526,15 @@ def write_latent_shard(encoded: EncodedPairs, directory: Path, entry: LatentShar
     return entry
 
 
+def _stored_pair_keys(entry: LatentShard) -> tuple[str, list, list]:
+    """``(name, pair keys, row ids)`` from a latent shard's json sidecar (the latents are not read)."""
+    meta = json.loads((Path(entry.uri) / META_FILE).read_text())
+    keys = meta.get("metadata", {}).get(PAIR_KEYS)
+    if keys is None:  # written before pair keys were stored: nothing to compare
+        return entry.name, [], []
+    return entry.name, keys, meta["pair_ids"]
+
+
 def remove_partial(root: Path) -> list[str]:
     """Delete temporary directories a killed run left in ``root``; returns their names."""
     removed = []
@@ -462,6 +571,7 @@ def encode_shard(
         show_progress=show_progress,
     )
     encoded.metadata = {**(metadata or {}), "shard": shard.to_dict(), "key": key}
+    encoded.metadata.setdefault(PAIR_KEYS, shard_pair_keys(pairs))
     directory = _shard_dir(Path(out_dir), shard.name, key)
     entry = LatentShard(
         name=shard.name,
@@ -504,8 +614,17 @@ class ShardManifest:
 
     def fingerprint(self) -> str:
         """Identity of the data training reads: every shard's key, in order (a key covers its content)."""
-        payload = json.dumps([self.arch, self.resolution, [(s.name, s.key, s.pairs) for s in self.shards]])
+        entries = [(s.name, s.key, s.pairs, *([list(s.excluded)] if s.excluded else [])) for s in self.shards]
+        payload = json.dumps([self.arch, self.resolution, entries])
         return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+    def excluded_pairs(self) -> list[int]:
+        """Manifest-wide indices of the pairs training skips (``LatentShard.excluded``), ascending."""
+        indices, offset = [], 0
+        for shard in self.shards:
+            indices.extend(offset + int(i) for i in sorted(shard.excluded))
+            offset += shard.pairs
+        return indices
 
     def to_dict(self) -> dict:
         return {
@@ -548,6 +667,7 @@ class ShardManifest:
             "shards": len(self.shards),
             "pairs": len(self),
             "distinct_prompts": sum(s.prompts for s in self.shards),
+            "excluded_pairs": sum(len(s.excluded) for s in self.shards),
             "fingerprint": self.fingerprint(),
         }
 
@@ -604,12 +724,14 @@ def build_latent_shards(
     entries: list[LatentShard] = []
     encoded_names, skipped = [], []
     arch = getattr(components, "arch", None)
+    keyed: list[tuple[str, list, list]] = []  # (name, pair keys, row ids) of every shard, for the cross-shard check
     for shard, rows in tqdm(plan, desc="shards", unit="shard", disable=not show_progress):
         key = encode_key(shard, rows, options, validation, *key_parts)
         done = completed_shard(_shard_dir(out, shard.name, key))
         if done is not None:
             entries.append(done)
             skipped.append(shard.name)
+            keyed.append(_stored_pair_keys(done))
             continue
         if validation is not None:
             verdict = validate_shard(shard, options, validation, max_rows=rows)
@@ -633,6 +755,7 @@ def build_latent_shards(
             storage_dtype=storage_dtype,
             stats={k: v for k, v in stats.items() if isinstance(v, (int, float))},
         )
+        keyed.append(_stored_pair_keys(entry))
         del pairs
         gc.collect()  # the shard's frame and image bytes, before the next shard is read
         entries.append(entry)
@@ -644,6 +767,13 @@ def build_latent_shards(
         raise ShardValidationError(report)
     if not entries:
         raise PreferenceDataError(f"{out}: no shard left to train on (all quarantined or empty)")
+    repeats = find_repeats_across_shards(keyed) if validation is not None else []
+    if repeats:
+        report = report or {**aggregate_validation([]), "passed": True}  # every shard was encoded before
+        report["mode"] = validation.mode
+        entries = exclude_repeats(entries, apply_repeats(report, repeats))
+        if report["failures"]:
+            raise ShardValidationError(report)
     manifest = ShardManifest(arch=arch or "unknown", resolution=resolution, shards=entries)
     manifest.save(out)
     return BuildResult(manifest, report, encoded_names, skipped)

@@ -312,21 +312,39 @@ class ShardedBatches:
     A ``BatchSource``: ``global_batch(k, size)`` is a pure function of the
     seed and ``k``. A global micro-batch spans at most two consecutive windows
     when ``size`` is at most a window's pairs, so a buffer of
-    ``2 * window_shards`` shards holds every batch's shards.
+    ``2 * window_shards`` shards holds every batch's shards. ``excluded``
+    pairs (repeats set aside by validation) are left out of every epoch; the
+    others keep their relative order.
     """
 
-    def __init__(self, shard_sizes: Sequence[int], seed: int, window_shards: int = 2) -> None:
+    def __init__(
+        self, shard_sizes: Sequence[int], seed: int, window_shards: int = 2, excluded: Sequence[int] = ()
+    ) -> None:
         if window_shards < 1:
             raise ValueError(f"window_shards must be at least 1, got {window_shards}")
         self.shard_sizes = tuple(int(s) for s in shard_sizes)
         if not self.shard_sizes or min(self.shard_sizes) < 1:
             raise ValueError(f"every shard needs at least one pair, got sizes {self.shard_sizes}")
-        self.num_pairs = sum(self.shard_sizes)
+        self.num_rows = sum(self.shard_sizes)
+        """Rows the order indexes (the inputs' length), excluded ones included."""
+        self._keep: torch.Tensor | None = None
+        if len(excluded):
+            self._keep = torch.ones(self.num_rows, dtype=torch.bool)
+            self._keep[torch.as_tensor(list(excluded), dtype=torch.int64)] = False
+        self.num_pairs = self.num_rows if self._keep is None else int(self._keep.sum())
+        if self.num_pairs < 1:
+            raise ValueError("every pair is excluded; nothing is left to train on")
         self.seed = seed
         self.window_shards = window_shards
+        self._kept_order: tuple[int, torch.Tensor] | None = None
 
     def epoch_order(self, epoch: int) -> torch.Tensor:
-        return _sharded_epoch_order(self.shard_sizes, self.window_shards, self.seed, epoch)
+        order = _sharded_epoch_order(self.shard_sizes, self.window_shards, self.seed, epoch)
+        if self._keep is None:
+            return order
+        if self._kept_order is None or self._kept_order[0] != epoch:
+            self._kept_order = (epoch, order[self._keep[order]])
+        return self._kept_order[1]
 
     def global_batch(self, micro_index: int, size: int) -> list[int]:
         indices: list[int] = []
@@ -341,7 +359,9 @@ class ShardedBatches:
 
 def sharded_batches(manifest: ShardManifest, seed: int, buffer_shards: int) -> ShardedBatches:
     """The order that fits a buffer of ``buffer_shards``: windows of half the buffer."""
-    return ShardedBatches(manifest.shard_sizes, seed, window_shards=max(1, buffer_shards // 2))
+    return ShardedBatches(
+        manifest.shard_sizes, seed, window_shards=max(1, buffer_shards // 2), excluded=manifest.excluded_pairs()
+    )
 
 
 # ----------------------------------------------------------------------------
@@ -367,8 +387,9 @@ def streaming_trainer(components, inputs: TrainingInputs, config, *, batches, **
             f"method {trainer.method.name!r} plans its own batches over the whole data set; "
             "streaming training supports methods with the default random batches (sft, dpo, smpo)"
         )
-    if batches.num_pairs != len(inputs):
-        raise ValueError(f"the batch order covers {batches.num_pairs} pairs but the inputs hold {len(inputs)}")
+    rows = getattr(batches, "num_rows", batches.num_pairs)
+    if rows != len(inputs):
+        raise ValueError(f"the batch order covers {rows} pairs but the inputs hold {len(inputs)}")
     trainer.batches = batches
     return trainer
 

@@ -360,6 +360,7 @@ def run_cell(cell: Cell, data: Data) -> dict:
             data.prepared[key] = (inputs, preparation, time.perf_counter() - began, unet["images"])
         inputs, preparation, preparation_seconds, preparation_images = data.prepared[key]
         # The clock and the counter start as if the bundle had just been made.
+        load_before = os.getloadavg()[0]  # this run alone keeps it near its thread count; more means a shared machine
         started = time.perf_counter() - preparation_seconds
         unet["images"] = preparation_images
         paused = 0.0
@@ -383,6 +384,7 @@ def run_cell(cell: Cell, data: Data) -> dict:
         )
         total_seconds = time.perf_counter() - started - paused
         train_seconds = total_seconds - preparation_seconds
+        load_after = os.getloadavg()[0]
         images = unet["images"]
         weights = save_lora_weights(components.unet, Path(tmp) / "final", components.arch)
         scores = paired_scores(score_samples(model, evaluation, weights), base_samples(cell.arch, params, evaluation))
@@ -418,7 +420,12 @@ def run_cell(cell: Cell, data: Data) -> dict:
         "scores": scores,
         "curve": curve,
         "final_metrics": {k: v for k, v in result.history[-1].items() if k != "step"},
-        "machine": {"threads": torch.get_num_threads(), "platform": platform.platform(), "torch": torch.__version__},
+        "machine": {
+            "threads": torch.get_num_threads(),
+            "platform": platform.platform(),
+            "torch": torch.__version__,
+            "load_average_1min": [round(load_before, 2), round(load_after, 2)],  # at the start and end of training
+        },
     }
 
 

@@ -210,7 +210,9 @@ def replay(run_ref: str, from_step: str | None, no_cache: bool = False) -> Any:
     skip: set[str] | None = None
     enable_cache = not no_cache
     if from_step:
-        steps = original.snapshot.step_configurations
+        # The run's own steps, not only the snapshot's: a dynamic pipeline (the sharded ones) compiles to
+        # step templates without their edges, and its invocations (encode_shard_2, ...) exist only in the run.
+        steps = {**original.snapshot.step_configurations, **original.steps}
         if from_step not in steps:
             raise RunFailed(f"--from {from_step}: run {original.name} has no such step; its steps: {', '.join(steps)}")
         skip = set(steps) - _downstream(steps, from_step)

@@ -9,6 +9,9 @@ SmPO (``smpo_sdxl_sharded``, ...) adds its reward scoring, fanned out the same w
         -> smooth_shards (with the manifest: bounds over all shards, one soft label per pair)
         -> train_streaming (soft labels indexed like the streamed pairs)
 
+and in cached inversion mode one ``invert_shard`` per encoded shard (the
+reference's inversion of its pairs, streamed beside the latents).
+
 ZenML dynamic pipelines (``@pipeline(dynamic=True)``; the local, Kubernetes
 and Vertex orchestrators run them) launch one ``encode_shard`` step per shard,
 concurrently, each in its own pod on a cluster with the resources the
@@ -34,6 +37,7 @@ from pipelines.catalog import ARCH_LABELS, REQUIRED_PARAMETERS, parameter_models
 from steps.encode_shard import encode_shard
 from steps.evaluate_alignment import evaluate_alignment
 from steps.find_drift_reference import find_drift_reference
+from steps.invert_shard import invert_shard
 from steps.list_shards import list_preference_shards
 from steps.report_drift import report_drift
 from steps.score_shard import score_shard
@@ -42,30 +46,35 @@ from steps.smooth_shards import smooth_shards
 from steps.train_streaming import train_streaming
 
 
-def _smpo_scores(items: list, params: dict) -> list:
-    inversion = params["training"].options.inversion
-    if inversion is not None and inversion.mode == "cached":
-        raise ValueError(
-            "the sharded SmPO pipelines invert online (training.method_options.inversion.mode: online, or no "
-            "inversion); a per-shard inversion cache is not built yet"
-        )
-    return [
+def _smpo_fan_out(items: list, encoded: list, params: dict) -> tuple[list, list | None]:
+    scores = [
         score_shard.submit(
             shard=item["shard"], rows=item["rows"], data=params["data"], validation=params["validation"],
             reward=params["reward"],
         )  # fmt: skip
         for item in items
     ]
+    training = params["training"]
+    inversion = training.options.inversion
+    inverted = None
+    if inversion is not None and inversion.mode == "cached":  # one inversion shard per latent shard
+        inverted = [
+            invert_shard.submit(shard=shard, model=params["model"], inversion=inversion, seed=training.seed)
+            for shard in encoded
+        ]
+    return scores, inverted
 
 
-def _smpo_labels(scores: list, manifest, params: dict) -> dict:
+def _smpo_reduce(fanned: tuple[list, list | None], manifest, params: dict) -> dict:
+    scores, inverted = fanned
     labels, _histogram = smooth_shards(scores=scores, manifest=manifest, smoothing=params["smoothing"])
-    return {"soft_labels": labels}
+    return {"soft_labels": labels} if inverted is None else {"soft_labels": labels, "inversion_shards": inverted}
 
 
-SHARDED_PAIR_INPUTS = {"smpo": (_smpo_scores, _smpo_labels, ("soft_labels",), [score_shard])}
-"""Per method with per-pair inputs: (fan-out over the shard list, reduce with the manifest into train_streaming's
-extra inputs, their names, the fanned-out step templates): the sharded ``pipelines/methods/<method>.py``."""
+SHARDED_PAIR_INPUTS = {"smpo": (_smpo_fan_out, _smpo_reduce, ("soft_labels",), [score_shard, invert_shard])}
+"""Per method with per-pair inputs: (fan-out over the shard list and the encoded shards, reduce with the manifest
+into train_streaming's extra inputs, their names, the fanned-out step templates): the sharded
+``pipelines/methods/<method>.py``."""
 
 
 def _align_sharded(name: str, arch: str, method: str, params: dict) -> None:
@@ -85,9 +94,9 @@ def _align_sharded(name: str, arch: str, method: str, params: dict) -> None:
         )  # fmt: skip
         for item in items
     ]
-    scores = fan_out(items, params) if fan_out else None
+    fanned = fan_out(items, encoded, params) if fan_out else None
     manifest, _report = shard_manifest(shards=encoded, model=model)
-    extra = reduce(scores, manifest, params) if reduce else {}
+    extra = reduce(fanned, manifest, params) if reduce else {}
     weights, _metrics = train_streaming(
         manifest=manifest, model=model, training=training, output=params["output"], sharding=params["sharding"],
         **extra,

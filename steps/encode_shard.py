@@ -8,25 +8,24 @@ from pathlib import Path
 from typing import Annotated
 
 from zenml import ArtifactConfig, get_step_context, log_metadata, save_artifact, step
-from zenml.io import fileio
 
 from alignment.config import DataConfig, EncodeConfig, ValidationConfig, resolve_device, torch_dtype
 from alignment.models import ModelSpec, load_components
-from alignment.shards import ShardInfo, ShardValidationError, aggregate_validation, data_options, encode_key, encode_shard as encode_one, validate_shard
+from alignment.shards import (
+    PAIR_KEYS,
+    ShardInfo,
+    ShardValidationError,
+    aggregate_validation,
+    data_options,
+    encode_key,
+    shard_pair_keys,
+    validate_shard,
+)
+from alignment.shards import encode_shard as encode_one
 from steps.caching import TOY_BASE_MODELS, cache_on
+from steps.store import upload_directory
 
 LATENTS_DIR = "latents"
-
-
-def _upload(local: Path, target: str) -> None:
-    """Copy a local directory tree into the artifact store (local disk, GCS or S3 alike)."""
-    fileio.makedirs(target)
-    for name in os.listdir(local):
-        source = local / name
-        if source.is_dir():
-            _upload(source, os.path.join(target, name))
-        else:
-            fileio.copy(str(source), os.path.join(target, name), overwrite=True)
 
 
 @step(cache_policy=cache_on(__name__, data=TOY_BASE_MODELS))
@@ -47,7 +46,8 @@ def encode_shard(
     an ``EncodedPairs`` directory: safetensors + json).
 
     Returns:
-        ``{"entry": the manifest entry (None for a quarantined unreadable shard), "validation": the shard's report}``.
+        ``{"entry": the manifest entry (None for a quarantined unreadable shard), "validation": the shard's report,
+        "pair_keys", "row_ids": what ``shard_manifest`` compares to find pairs repeated in other shards}``.
 
     Raises:
         ShardValidationError: In ``stop`` mode, naming the shard, the failed
@@ -62,7 +62,8 @@ def encode_shard(
         save_artifact(report, name="shard_validation_report")
         raise ShardValidationError(aggregate_validation([verdict]), source=f"{data.path} (split {data.split})")
     if verdict.pairs is None:
-        return {"entry": None, "validation": report}
+        return {"entry": None, "validation": report, "pair_keys": [], "row_ids": []}
+    pair_keys = shard_pair_keys(verdict.pairs)
     device = resolve_device(encoding.device)
     components = load_components(model, device=device)
     key = encode_key(info, rows, options, validation, model, encoding)
@@ -71,10 +72,14 @@ def encode_shard(
         entry = encode_one(
             verdict.pairs, components, shard=info, key=key, out_dir=local, resolution=model.resolution,
             batch_size=encoding.batch_size, device=device, storage_dtype=torch_dtype(encoding.storage_dtype),
-            metadata={"data_path": data.path, "data_split": data.split, "model": model.model_dump(mode="json")},
+            metadata={
+                "data_path": data.path, "data_split": data.split, "model": model.model_dump(mode="json"),
+                PAIR_KEYS: pair_keys,
+            },
             stats={k: v for k, v in report.get("stats", {}).items() if isinstance(v, (int, float))},
         )  # fmt: skip
-        _upload(Path(entry.uri), target)
+        upload_directory(Path(entry.uri), target)
     entry_dict = {**entry.to_dict(), "uri": target}
     log_metadata({"pairs": entry.pairs, "prompts": entry.prompts, "key": key}, infer_artifact=True)
-    return {"entry": entry_dict, "validation": report}
+    row_ids = [str(r) for r in verdict.pairs["row_id"]]
+    return {"entry": entry_dict, "validation": report, "pair_keys": pair_keys, "row_ids": row_ids}

@@ -9,12 +9,11 @@ from typing import Annotated
 
 from zenml import ArtifactConfig, log_metadata, step
 from zenml.enums import ArtifactType
-from zenml.io import fileio
 
 from alignment.config import OutputConfig
-from alignment.encoding import EncodedPairs
 from alignment.launch import launch_streaming_training
 from alignment.models import ModelSpec, load_components
+from alignment.shard_inversion import inversion_manifest, with_cached_inversion
 from alignment.shard_scoring import labelled_streaming_inputs
 from alignment.shards import ShardingConfig, ShardManifest
 from alignment.streaming import sharded_batches, streaming_inputs
@@ -23,18 +22,10 @@ from alignment.train import run_fingerprint, save_trained_weights
 from alignment.train_config import TrainConfig
 from steps import tracking
 from steps.caching import TOY_BASE_MODELS, cache_on
+from steps.invert_shard import load_inversion_from_store
 from steps.paths import repo_path
+from steps.store import load_from_store
 from steps.train_alignment import WEIGHTS_ARTIFACT
-
-
-def load_from_store(uri: str) -> EncodedPairs:
-    """One latent shard from the artifact store: read in place when local, else downloaded to a temporary directory."""
-    if os.path.isdir(uri):
-        return EncodedPairs.load(uri)
-    with tempfile.TemporaryDirectory(prefix="latent_shard_") as local:
-        for name in fileio.listdir(uri):
-            fileio.copy(os.path.join(uri, str(name)), os.path.join(local, str(name)), overwrite=True)
-        return EncodedPairs.load(local)
 
 
 # In a dynamic pipeline the step's configuration comes from its template (the pipeline's
@@ -53,6 +44,9 @@ def train_streaming(
     output: OutputConfig,
     sharding: ShardingConfig,
     soft_labels: dict | None = None,
+    # A list of step outputs: ZenML loads the items only under a plain ``list`` annotation, and checks the
+    # default against it (so neither ``list | None`` nor ``None``); empty: no cached inversion.
+    inversion_shards: list = [],  # noqa: B006 (never mutated)
 ) -> tuple[
     Annotated[Path, ArtifactConfig(name="{weights_artifact}", artifact_type=ArtifactType.MODEL)],
     Annotated[dict, ArtifactConfig(name="training_metrics")],
@@ -66,11 +60,19 @@ def train_streaming(
     (``alignment.launch.launch_streaming_training``) each stream the manifest
     through their own buffer of ``sharding.buffer_shards`` and keep their
     slice of every global batch (only the shards of their slices are read).
+    SmPO's cached mode streams ``inversion_shards`` (one per latent shard,
+    ``invert_shard``) through a second buffer of the same size.
     """
     shards = ShardManifest.from_dict(manifest)
     inputs = streaming_inputs(shards, buffer_shards=sharding.buffer_shards, loader=load_from_store)
     if soft_labels is not None:  # SmPO: smooth_shards' per-pair labels, indexed like the streamed pairs
         inputs = labelled_streaming_inputs(inputs, soft_labels)
+    inversions = None
+    if inversion_shards:  # SmPO, cached inversion: per-shard caches, streamed beside the latents
+        inversions = inversion_manifest(shards, [s for s in inversion_shards if s["name"]], training.options.inversion)
+        inputs = with_cached_inversion(
+            inputs, soft_labels, inversions, buffer_shards=sharding.buffer_shards, loader=load_inversion_from_store
+        )
     fingerprint = run_fingerprint(inputs, model, training)
     checkpoint_dir = repo_path(output.checkpoint_root) / fingerprint
     tracking.log_config(
@@ -80,10 +82,11 @@ def train_streaming(
     if training.num_processes > 1:
         # The workers load the model and their own shards. They import the loader by name: local shards
         # need none of ZenML's (load_from_store would import every step into every worker).
-        local = all(os.path.isdir(entry.uri) for entry in shards.shards)
+        local = all(os.path.isdir(entry.uri) for entry in shards.shards + (inversions.shards if inversions else []))
         result, weights_dir = launch_streaming_training(
             model, shards, training, buffer_shards=sharding.buffer_shards, loader=None if local else load_from_store,
-            soft_labels=soft_labels, checkpoint_dir=checkpoint_dir, fingerprint=fingerprint, out_dir=tempfile.mkdtemp(prefix=prefix + "launch_"),
+            soft_labels=soft_labels, inversions=inversions, inversion_loader=None if local else load_inversion_from_store,
+            checkpoint_dir=checkpoint_dir, fingerprint=fingerprint, out_dir=tempfile.mkdtemp(prefix=prefix + "launch_"),
             log_fn=tracking.step_logger(),
         )  # fmt: skip
         per_process = result.extra["streaming"]

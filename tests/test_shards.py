@@ -137,6 +137,79 @@ def test_a_bad_row_names_its_shard_and_row_id(source, tmp_path):
     assert any(f"train-00000-of-00001/{bad_id}" in entry["row_ids"] for entry in merged.values())
 
 
+def _with_repeats(source, data):
+    """A copy of ``source`` whose last shard ends with two pairs of the first shard (new ranking ids, same pairs)."""
+    shutil.copytree(source, data)
+    shards = list_shards(data)
+    first = read_shard(shards[0]).drop(columns=["row_id"]).to_dict("records")
+    last = read_shard(shards[-1]).drop(columns=["row_id"]).to_dict("records")
+    repeated_rows = [i for i, row in enumerate(first) if row["label_0"] != 0.5][:2]  # ties are dropped anyway
+    copies = []
+    for n, row in enumerate(repeated_rows):
+        copy = dict(first[row], ranking_id=9_000_000 + n)
+        if n % 2:  # the images in the other order (and the label with them): still the same pair
+            copy.update(
+                jpg_0=first[row]["jpg_1"], jpg_1=first[row]["jpg_0"], label_0=first[row]["label_1"], label_1=first[row]["label_0"]
+            )
+        copies.append(copy)
+    write_pickapic_parquet(last + copies, shards[-1].path)
+    return [str(first[row]["ranking_id"]) for row in repeated_rows]
+
+
+def test_a_pair_repeated_in_another_shard_stops_the_run_naming_both_or_is_set_aside(source, components, tmp_path):
+    originals = _with_repeats(source, tmp_path / "data")
+    with pytest.raises(ShardValidationError) as stopped:
+        build(tmp_path / "data", tmp_path / "stop", components)
+    message = str(stopped.value)
+    assert "shard train-00002-of-00099: [pair_unique_across_shards] 2 pair(s) repeat a pair of an earlier shard" in message
+    assert f"row 9000000 repeats train-00000-of-00099/{originals[0]}" in message and "9000001" in message
+    assert originals[0] != originals[1]
+
+    result = build(tmp_path / "data", tmp_path / "quarantine", components, validation=ValidationConfig(mode="quarantine"))
+    last = result.manifest.shards[-1]
+    assert last.excluded == (last.pairs - 2, last.pairs - 1)  # the two copies, appended to the shard
+    assert result.validation["quarantined"]["pair_unique_across_shards"]["count"] == 2
+    assert result.manifest.summary()["excluded_pairs"] == 2
+    # training never sees the repeats, and every other pair once per epoch
+    batches = sharded_batches(result.manifest, seed=0, buffer_shards=2)
+    excluded = set(result.manifest.excluded_pairs())
+    assert excluded == {len(result.manifest) - 2, len(result.manifest) - 1}
+    assert batches.num_pairs == len(result.manifest) - 2
+    epoch = [i for k in range(batches.num_pairs) for i in batches.global_batch(k, 1)]
+    assert sorted(epoch) == sorted(set(range(len(result.manifest))) - excluded)
+    # the exclusions survive the manifest's round trip (N training workers read it as JSON)
+    from alignment.shards import ShardManifest
+
+    assert ShardManifest.from_dict(result.manifest.to_dict()).excluded_pairs() == sorted(excluded)
+
+
+def test_repeats_are_found_in_shard_order_and_the_order_without_exclusions_is_unchanged():
+    from alignment.shards import aggregate_validation, apply_repeats, find_repeats_across_shards
+
+    repeats = find_repeats_across_shards([("a", ["k1", "k2", None], ["1", "2", "3"]), ("b", ["k3", None, "k1"], ["4", "5", "6"]), ("c", ["k2", "k3"], ["7", "8"])])
+    assert [(r.shard, r.position, r.row_id, r.first_shard, r.first_row_id) for r in repeats] == [
+        ("b", 2, "6", "a", "1"), ("c", 0, "7", "a", "2"), ("c", 1, "8", "b", "4"),
+    ]  # fmt: skip
+    report = {**aggregate_validation([]), "mode": "quarantine", "passed": True}
+    assert apply_repeats(report, repeats) == {"b": (2,), "c": (0, 1)} and report["passed"]
+    stop = {**aggregate_validation([]), "mode": "stop", "passed": True}
+    assert apply_repeats(stop, repeats) == {} and not stop["passed"]
+    assert [f["shard"] for f in stop["failures"]] == ["b", "c"]
+    # no exclusions: exactly the order of before; exclusions: the same order with those pairs taken out
+    plain, pruned = ShardedBatches([5, 7, 3], seed=2), ShardedBatches([5, 7, 3], seed=2, excluded=[0, 9])
+    assert torch.equal(plain.epoch_order(1), _order_before([5, 7, 3], 2, 1))
+    assert pruned.epoch_order(1).tolist() == [i for i in plain.epoch_order(1).tolist() if i not in (0, 9)]
+    assert pruned.num_pairs == 13 and pruned.num_rows == 15
+    with pytest.raises(ValueError, match="every pair is excluded"):
+        ShardedBatches([2], seed=0, excluded=[0, 1])
+
+
+def _order_before(sizes, seed, epoch):
+    from alignment.streaming import _sharded_epoch_order
+
+    return _sharded_epoch_order(tuple(sizes), 2, seed, epoch)
+
+
 def test_sharded_order_is_a_function_of_seed_and_index_covers_each_epoch_and_splits_across_processes():
     order = ShardedBatches([5, 7, 3, 6], seed=3, window_shards=2)
     again = ShardedBatches([5, 7, 3, 6], seed=3, window_shards=2)
@@ -269,3 +342,4 @@ def test_sharded_configs_validate_and_cluster_profiles_give_every_shard_a_gpu(na
         assert config["steps"]["train_streaming"]["step_operator"] is True
         if name.startswith("smpo"):  # its per-shard reward scoring runs on a GPU too
             assert config["steps"]["score_shard"]["settings"]["resources"]["gpu_count"] == 1
+            assert config["steps"]["invert_shard"]["settings"]["resources"]["gpu_count"] == 1

@@ -60,6 +60,22 @@ def test_encoding_fans_out_per_shard_is_cached_per_shard_and_training_streams(tm
     metrics = first.steps["train_streaming"].outputs["training_metrics"][0].load()
     assert metrics["summary"]["final_step"] == 3 and metrics["summary"]["most_shards_held"] <= 2
 
+    # --replay --from on the fan-out: every shard step is reused, training and what follows it run again
+    from pipelines import runs
+
+    replayed = runs.replay(str(first.id), "train_streaming")
+    statuses = {name: str(step.status.value) for name, step in replayed.steps.items()}
+    reused = ["list_preference_shards", "encode_shard", "encode_shard_2", "encode_shard_3", "shard_manifest"]
+    assert statuses == {**dict.fromkeys(reused, "skipped"), **dict.fromkeys(
+        ["train_streaming", "evaluate_alignment", "find_drift_reference", "report_drift"], "completed")}, statuses
+    assert (
+        replayed.steps["evaluate_alignment"].outputs["eval_report"][0].id
+        != first.steps["evaluate_alignment"].outputs["eval_report"][0].id
+    )
+    _config, resolved = configuration.prepare(NAME, profile="tiny", overrides=(f"parameters.data.path={data}",))
+    snapshot = runs.create_snapshot(NAME, resolved, "sharded-test")
+    assert snapshot.pipeline_spec.input_schema
+
     build_sharded_pickapic(data, n_pairs=4 * ROWS, rows_per_shard=ROWS, total_shards=99, first_shard=3)
     second = _run(tmp_path, data)
     assert sorted(_encode_steps(second).values()) == ["cached"] * 3 + ["completed"]

@@ -116,7 +116,7 @@ def test_streaming_bundle_with_soft_labels_gathers_the_in_memory_smpo_batches(sc
 
 
 @pytest.mark.pipeline
-def test_smpo_sdxl_sharded_tiny_scores_per_shard_and_trains_on_global_soft_labels(tmp_path):
+def test_smpo_sdxl_sharded_tiny_scores_and_inverts_per_shard_and_trains_on_global_soft_labels(tmp_path):
     from zenml.client import Client
 
     from pipelines import PIPELINES, configuration
@@ -134,6 +134,9 @@ def test_smpo_sdxl_sharded_tiny_scores_per_shard_and_trains_on_global_soft_label
             # 2 data-parallel workers: the labels reach each worker through the launcher's job directory
             "parameters.training.train_batch_size=1",
             "parameters.training.num_processes=2",
+            # cached inversion: one invert_shard per encoded shard, streamed beside the latents in each worker
+            "parameters.training.method_options.inversion.mode=cached",
+            "parameters.training.method_options.inversion.timesteps_per_pair=2",
             "parameters.sharding.buffer_shards=2",
             "parameters.evaluation.scorer=none",
             "parameters.evaluation.prompt_set=list",
@@ -154,5 +157,11 @@ def test_smpo_sdxl_sharded_tiny_scores_per_shard_and_trains_on_global_soft_label
 
     expected, _ = reduce_shard_scores(records, ShardManifest.from_dict(manifest), SmoothingConfig(bounds="data"))
     assert labels["soft_label"] == expected["soft_label"] and len(labels["soft_label"]) == manifest["pairs"]
+    inverted = sorted(n for n in run.steps if n.startswith("invert_shard"))
+    assert len(inverted) == 2
+    entries = [run.steps[n].outputs["inversion_shard"][0].load() for n in inverted]
+    assert sorted(e["name"] for e in entries) == sorted(s["name"] for s in manifest["shards"])
+    assert all(e["timesteps_per_pair"] == 2 for e in entries)
     metrics = run.steps["train_streaming"].outputs["training_metrics"][0].load()
     assert metrics["summary"]["final_step"] == 2 and metrics["summary"]["num_processes"] == 2
+    assert metrics["config"]["method_options"]["inversion"]["mode"] == "cached"

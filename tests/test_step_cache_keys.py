@@ -68,6 +68,13 @@ def test_keys_reach_what_the_steps_run_including_lazy_imports_and_data():
     assert {"alignment/rewards/hps.py", "alignment/toyworld/reward_model.py"} <= score
     assert any(path.startswith("data/toyworld/reward_model/") for path in score)
     assert not any(path.startswith("data/toyworld/oracle/") for path in score), "the oracle never feeds training"
+    # Sharded: re-encoding Pick-a-Pic costs GPU-days, so encode_shard's key holds no method's code; the
+    # per-shard inversion and streaming training cover SmPO's.
+    encode = _files(_policy("encode_shard"))
+    assert "alignment/shards.py" in encode and not any(path.startswith("alignment/methods/smpo") for path in encode)
+    assert "alignment/inversion.py" not in encode
+    for name in ("invert_shard", "train_streaming"):
+        assert {"alignment/shard_inversion.py", "alignment/methods/smpo.py"} <= _files(_policy(name)), name
 
 
 def test_invert_pairs_depends_on_the_inversion_settings_and_seed_only():
