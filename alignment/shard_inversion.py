@@ -25,9 +25,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import shutil
-import uuid
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -38,7 +35,7 @@ from alignment.encoding import EncodedPairs
 from alignment.inputs import TrainingInputs
 from alignment.inversion import InversionConfig, build_inversion_cache
 from alignment.shard_scoring import SwappedRows, labels_in_manifest_order
-from alignment.shards import LatentShard, ShardManifest
+from alignment.shards import LatentShard, ShardManifest, write_directory_atomically
 from alignment.streaming import ShardBuffer, ShardRows
 
 __all__ = [
@@ -117,19 +114,12 @@ def invert_latent_shard(
         "seed": seed,
         "grid": cache.metadata.get("grid"),
     }
-    directory = Path(out_dir) / f"{entry.name}-{key}"
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    temp = directory.parent / f".{directory.name}.{uuid.uuid4().hex}.tmp"
-    try:
-        temp.mkdir()
+
+    def write(temp: Path) -> None:
         save_file({name: t.contiguous() for name, t in tensors.items()}, str(temp / TENSORS_FILE))
         (temp / META_FILE).write_text(json.dumps(meta))
-        if directory.exists():
-            shutil.rmtree(directory)
-        os.replace(temp, directory)
-    except BaseException:
-        shutil.rmtree(temp, ignore_errors=True)
-        raise
+
+    directory = write_directory_atomically(Path(out_dir) / f"{entry.name}-{key}", write)
     return {**{k: meta[k] for k in ("name", "latent_key", "key", "pairs", "timesteps_per_pair")}, "uri": str(directory)}
 
 

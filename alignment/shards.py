@@ -511,19 +511,30 @@ def write_latent_shard(encoded: EncodedPairs, directory: Path, entry: LatentShar
     A run killed mid-write leaves only a ``.tmp`` directory, which nothing
     reads and the next run removes (``remove_partial``).
     """
+
+    def write(temp: Path) -> None:
+        encoded.save(temp)
+        (temp / SHARD_META).write_text(json.dumps(entry.to_dict()))
+
+    write_directory_atomically(directory, write)
+    return entry
+
+
+def write_directory_atomically(directory: str | Path, write: Callable[[Path], None]) -> Path:
+    """``write`` into a hidden temporary directory next to ``directory``, then move it into place in one rename."""
     directory = Path(directory)
     directory.parent.mkdir(parents=True, exist_ok=True)
     temp = directory.parent / f".{directory.name}.{uuid.uuid4().hex}.tmp"
     try:
-        encoded.save(temp)
-        (temp / SHARD_META).write_text(json.dumps(entry.to_dict()))
-        if directory.exists():  # an unfinished directory of the same name (no meta): replace it
+        temp.mkdir()
+        write(temp)
+        if directory.exists():  # an unfinished directory of the same name: replace it
             shutil.rmtree(directory)
         os.replace(temp, directory)
     except BaseException:
         shutil.rmtree(temp, ignore_errors=True)
         raise
-    return entry
+    return directory
 
 
 def _stored_pair_keys(entry: LatentShard) -> tuple[str, list, list]:
