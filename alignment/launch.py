@@ -71,6 +71,7 @@ RESULT_FILE = "result.json"
 WEIGHTS_DIR = "weights"
 DEFAULT_LOADER = "alignment.shards:load_latent_shard"
 DEFAULT_INVERSION_LOADER = "alignment.shard_inversion:load_inversion_shard"
+DEFAULT_MINED_LOADER = "alignment.shard_mining:load_mined_shard"
 
 
 class LaunchError(RuntimeError):
@@ -152,6 +153,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--inversion-loader", default=DEFAULT_INVERSION_LOADER,
         help="with --inversion-manifest: module:function reading one inversion shard URI",
     )  # fmt: skip
+    parser.add_argument(
+        "--mined-shards", help="with --manifest: JSON of Diffusion-RPO's mined shards (alignment.shard_mining)"
+    )
+    parser.add_argument(
+        "--mined-loader", default=DEFAULT_MINED_LOADER, help="with --mined-shards: module:function reading one mined shard URI"
+    )
     parser.add_argument("--model", required=True, help="ModelSpec as a JSON file or inline JSON object")
     parser.add_argument("--config", required=True, help="TrainConfig as a JSON file or inline JSON object")
     parser.add_argument("--out", required=True, help="output directory (weights/ and result.json)")
@@ -179,6 +186,16 @@ def _accelerator(config: TrainConfig):
 # in-memory training step, which runs launch.py but never labels shards.
 SOFT_LABELLER = "alignment.shard_scoring:labelled_streaming_inputs"
 INVERSION_ATTACHER = "alignment.shard_inversion:with_cached_inversion"
+MINED_ATTACHER = "alignment.shard_mining:with_mined_inputs"
+
+
+def _import_flag(flag: str, reference: str):
+    from alignment.streaming import import_loader
+
+    try:
+        return import_loader(reference)
+    except (ImportError, AttributeError, ValueError) as error:
+        raise SystemExit(f"{flag}: {reference!r} cannot be imported ({error})") from None
 
 
 def _streaming_setup(args, config: TrainConfig, components, trainer_options: dict):
@@ -186,24 +203,21 @@ def _streaming_setup(args, config: TrainConfig, components, trainer_options: dic
     from alignment.streaming import import_loader, sharded_batches, streaming_inputs, streaming_trainer
 
     manifest = _load_manifest(args.manifest)
-    try:
-        loader = import_loader(args.loader)
-    except (ImportError, AttributeError, ValueError) as error:
-        raise SystemExit(f"--loader: {args.loader!r} cannot be imported ({error})") from None
-    inputs = streaming_inputs(manifest, buffer_shards=args.buffer_shards, loader=loader)
+    inputs = streaming_inputs(manifest, buffer_shards=args.buffer_shards, loader=_import_flag("--loader", args.loader))
     if args.soft_labels is not None:  # SmPO: the per-pair labels smooth_shards wrote, same on every worker
         labels = json.loads(Path(args.soft_labels).read_text())
         inputs = import_loader(SOFT_LABELLER)(inputs, labels)
         if args.inversion_manifest is not None:  # cached mode: the inversion shards, through a buffer of their own
             inversions = _load_manifest(args.inversion_manifest)
-            try:
-                loader = import_loader(args.inversion_loader)
-            except (ImportError, AttributeError, ValueError) as error:
-                raise SystemExit(f"--inversion-loader: {args.inversion_loader!r} cannot be imported ({error})") from None
+            loader = _import_flag("--inversion-loader", args.inversion_loader)
             attach = import_loader(INVERSION_ATTACHER)
             inputs = attach(inputs, labels, inversions, buffer_shards=args.buffer_shards, loader=loader)
     elif args.inversion_manifest is not None:
         raise SystemExit("--inversion-manifest needs --soft-labels (cached inversion is SmPO's)")
+    if args.mined_shards is not None:  # RPO: embeddings and neighbours per shard, through a buffer of their own
+        mined = json.loads(Path(args.mined_shards).read_text())
+        loader = _import_flag("--mined-loader", args.mined_loader)
+        inputs = import_loader(MINED_ATTACHER)(inputs, mined, buffer_shards=args.buffer_shards, loader=loader)
     batches = sharded_batches(manifest, config.seed, args.buffer_shards)
     trainer = streaming_trainer(components, inputs, config, batches=batches, **trainer_options)
     return trainer, inputs.encoded.buffer
@@ -332,6 +346,8 @@ def launch_streaming_training(
     soft_labels: dict | None = None,
     inversions: ShardManifest | None = None,
     inversion_loader: Callable | str | None = None,
+    mined: dict | None = None,
+    mined_loader: Callable | str | None = None,
     checkpoint_dir: str | Path,
     fingerprint: str = "",
     out_dir: str | Path | None = None,
@@ -360,7 +376,8 @@ def launch_streaming_training(
     with them (``labelled_streaming_inputs``). ``inversions``, the manifest of
     SmPO's inversion shards (cached mode, ``alignment.shard_inversion``), go
     there too, read by every worker with ``inversion_loader`` (default: local
-    directories).
+    directories). So do Diffusion-RPO's ``mined`` shards
+    (``alignment.shard_mining.mine_shard_groups``), read with ``mined_loader``.
     """
     from alignment.streaming import loader_reference
 
@@ -368,13 +385,15 @@ def launch_streaming_training(
         raise ValueError(f"the shard buffer must hold at least 1 shard, got {buffer_shards}")
     if not manifest.shards:
         raise ValueError("the shard manifest lists no shards")
-    reference = DEFAULT_LOADER if loader is None else loader if isinstance(loader, str) else loader_reference(loader)
     if inversions is not None and soft_labels is None:
         raise ValueError("inversion shards need soft labels: cached inversion is SmPO's")
-    inversion_reference = (
-        DEFAULT_INVERSION_LOADER if inversion_loader is None
-        else inversion_loader if isinstance(inversion_loader, str) else loader_reference(inversion_loader)
-    )  # fmt: skip
+
+    def by_name(given: Callable | str | None, default: str) -> str:
+        return default if given is None else given if isinstance(given, str) else loader_reference(given)
+
+    reference = by_name(loader, DEFAULT_LOADER)
+    inversion_reference = by_name(inversion_loader, DEFAULT_INVERSION_LOADER)
+    mined_reference = by_name(mined_loader, DEFAULT_MINED_LOADER)
 
     def write_inputs(job: Path) -> list[str]:
         manifest.save(job / "manifest")
@@ -385,6 +404,9 @@ def launch_streaming_training(
         if inversions is not None:
             inversions.save(job / "inversions")
             flags += ["--inversion-manifest", str(job / "inversions"), "--inversion-loader", inversion_reference]
+        if mined is not None:
+            (job / "mined_shards.json").write_text(json.dumps(mined))
+            flags += ["--mined-shards", str(job / "mined_shards.json"), "--mined-loader", mined_reference]
         return flags
 
     return _launch(

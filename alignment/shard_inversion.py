@@ -28,15 +28,18 @@ import json
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-import torch
-from safetensors.torch import load_file, save_file
-
 from alignment.encoding import EncodedPairs
 from alignment.inputs import TrainingInputs
 from alignment.inversion import InversionConfig, build_inversion_cache
+from alignment.pair_input_shards import (
+    TensorShard,
+    follow_latent_manifest,
+    load_tensor_shard,
+    streamed_rows,
+    write_tensor_shard,
+)
 from alignment.shard_scoring import SwappedRows, labels_in_manifest_order
-from alignment.shards import LatentShard, ShardManifest, write_directory_atomically
-from alignment.streaming import ShardBuffer, ShardRows
+from alignment.shards import LatentShard, ShardManifest
 
 __all__ = [
     "InversionShard",
@@ -47,29 +50,12 @@ __all__ = [
     "with_cached_inversion",
 ]
 
-TENSORS_FILE = "inversion.safetensors"
-META_FILE = "inversion_shard.json"
-"""Written last, before the directory is moved into place: its presence means complete."""
+FILES = ("inversion.safetensors", "inversion_shard.json")
+"""The tensors and the sidecar (written last: its presence means complete)."""
 
 
-class InversionShard:
-    """One inversion shard in memory: the per-pair cached inputs of one latent shard's pairs, by name."""
-
-    def __init__(self, tensors: dict[str, torch.Tensor], meta: dict) -> None:
-        self.tensors = tensors
-        self.meta = meta
-        sizes = {name: int(t.shape[0]) for name, t in tensors.items()}
-        if len(set(sizes.values())) != 1 or next(iter(sizes.values())) != meta["pairs"]:
-            raise ValueError(f"inversion shard {meta.get('name')}: rows {sizes}, the sidecar says {meta['pairs']} pairs")
-
-    def __len__(self) -> int:
-        return int(self.meta["pairs"])
-
-    def __getattr__(self, name: str) -> torch.Tensor:
-        tensors = self.__dict__.get("tensors", {})
-        if name in tensors:
-            return tensors[name]
-        raise AttributeError(name)
+InversionShard = TensorShard
+"""One inversion shard in memory: the per-pair cached inputs of one latent shard's pairs, by name."""
 
 
 def shard_seed(seed: int, latent_key: str) -> int:
@@ -115,21 +101,13 @@ def invert_latent_shard(
         "grid": cache.metadata.get("grid"),
     }
 
-    def write(temp: Path) -> None:
-        save_file({name: t.contiguous() for name, t in tensors.items()}, str(temp / TENSORS_FILE))
-        (temp / META_FILE).write_text(json.dumps(meta))
-
-    directory = write_directory_atomically(Path(out_dir) / f"{entry.name}-{key}", write)
+    directory = write_tensor_shard(Path(out_dir) / f"{entry.name}-{key}", tensors, meta, files=FILES)
     return {**{k: meta[k] for k in ("name", "latent_key", "key", "pairs", "timesteps_per_pair")}, "uri": str(directory)}
 
 
 def load_inversion_shard(uri: str | Path) -> InversionShard:
     """An inversion shard from a local directory."""
-    directory = Path(uri)
-    meta_file = directory / META_FILE
-    if not meta_file.is_file():
-        raise FileNotFoundError(f"{directory}: no {META_FILE}; not a finished inversion shard")
-    return InversionShard(load_file(str(directory / TENSORS_FILE)), json.loads(meta_file.read_text()))
+    return load_tensor_shard(uri, files=FILES, what="inversion shard")
 
 
 def inversion_manifest(manifest: ShardManifest, shards: Sequence[dict], inversion: InversionConfig) -> ShardManifest:
@@ -139,29 +117,17 @@ def inversion_manifest(manifest: ShardManifest, shards: Sequence[dict], inversio
         ValueError: Naming the shard, when a latent shard has no inversion, or
             one made from other latents or with other inversion settings.
     """
-    by_name = {s["name"]: s for s in shards}
-    entries = []
-    for latent in manifest.shards:
-        found = by_name.get(latent.name)
-        if found is None:
-            raise ValueError(f"latent shard {latent.name} has no inversion shard; every shard training reads needs one")
-        if found["latent_key"] != latent.key or found["pairs"] != latent.pairs:
-            raise ValueError(
-                f"shard {latent.name}: inverted from latent shard {found['latent_key']} ({found['pairs']} pairs) but "
-                f"training reads {latent.key} ({latent.pairs} pairs); the shard was encoded again since"
-            )
+
+    def same_timesteps(latent: LatentShard, found: dict) -> None:
         if found["timesteps_per_pair"] != inversion.timesteps_per_pair:
             raise ValueError(
                 f"shard {latent.name}: inverted at {found['timesteps_per_pair']} timestep(s) per pair but "
                 f"inversion.timesteps_per_pair is {inversion.timesteps_per_pair}"
             )
-        entries.append(
-            LatentShard(
-                name=latent.name, key=found["key"], source_fingerprint=latent.source_fingerprint, pairs=latent.pairs,
-                prompts=latent.prompts, uri=found["uri"],
-            )  # fmt: skip
-        )
-    return ShardManifest(arch=manifest.arch, resolution=manifest.resolution, shards=entries, metadata={"inversion": True})
+
+    return follow_latent_manifest(
+        manifest, shards, what="inversion shard", check=same_timesteps, metadata={"inversion": True}
+    )
 
 
 def with_cached_inversion(
@@ -185,17 +151,13 @@ def with_cached_inversion(
     _soft, swap = labels_in_manifest_order(labels, manifest)
     if [s.name for s in inversions.shards] != [s.name for s in manifest.shards] or inversions.shard_sizes != manifest.shard_sizes:
         raise ValueError("the inversion shards do not follow the latent manifest (names or sizes differ)")
-    first = loader(inversions.shards[0].uri)
-    buffer = ShardBuffer(inversions, buffer_shards, loader)
+    names = [_cached_name(name, side) for name in CACHED for side in ("w", "l")]
+    buffer, rows = streamed_rows(inversions, names, buffer_shards=buffer_shards, loader=loader)
     pair_inputs = dict(inputs.pair_inputs)
     for name in CACHED:
-        winner, loser = (
-            ShardRows(buffer, _cached_name(name, side), first.tensors[_cached_name(name, side)].shape[1:], first.tensors[_cached_name(name, side)].dtype)
-            for side in ("w", "l")
-        )
+        winner, loser = rows[_cached_name(name, "w")], rows[_cached_name(name, "l")]
         pair_inputs[_cached_name(name, "w")] = SwappedRows(winner, loser, swap, side="w")
         pair_inputs[_cached_name(name, "l")] = SwappedRows(winner, loser, swap, side="l")
-    del first
     digest = hashlib.sha256(f"{inputs.fingerprint()}:{inversions.fingerprint()}".encode()).hexdigest()[:16]
     bundle = TrainingInputs(
         encoded=inputs.encoded, pair_inputs=pair_inputs, metadata={**inputs.metadata, "inversion_shards": len(inversions.shards)},

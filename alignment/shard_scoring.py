@@ -38,10 +38,8 @@ from alignment.shards import (
     LatentShard,
     ShardInfo,
     ShardManifest,
+    encoded_shard_pairs,
     plan_shards,
-    prepare_shard,
-    read_shard,
-    validate_shard,
 )
 from alignment.smoothing import SmoothingConfig, smooth_labels
 
@@ -88,16 +86,9 @@ def score_shard(
     record = {
         "shard": shard.to_dict(), "rows": max_rows, "pair_ids": [], "score_w": [], "score_l": [], "scorer": reward.scorer,
     }  # fmt: skip
-    if validation is None:
-        pairs, _stats = prepare_shard(read_shard(shard, max_rows=max_rows), options, shard)
-    else:
-        verdict = validate_shard(shard, options, validation, max_rows=max_rows)
-        if not verdict.passed or verdict.pairs is None:
-            reason = verdict.unreadable or "failed validation"
-            return {**record, "human_agreement": None, "skipped": reason}
-        pairs = verdict.pairs
-    if len(pairs) == 0:
-        return {**record, "human_agreement": None, "skipped": "no pairs left after validation"}
+    pairs, skipped = encoded_shard_pairs(shard, options, validation, max_rows=max_rows)
+    if skipped is not None:
+        return {**record, "human_agreement": None, "skipped": skipped}
     scores = scorer(pairs, reward)
     return {
         **record,

@@ -57,6 +57,7 @@ __all__ = [
     "ShardInfo",
     "ShardingConfig",
     "ShardValidation",
+    "encoded_shard_pairs",
     "ShardManifest",
     "LatentShard",
     "ShardValidationError",
@@ -295,6 +296,30 @@ def validate_shard(
     # validating shard after shard grows until the cyclic collector happens to run.
     gc.collect()
     return verdict
+
+
+def encoded_shard_pairs(
+    shard: ShardInfo, options: dict, validation: ValidationConfig | None, *, max_rows: int | None = None
+) -> tuple[pd.DataFrame | None, str | None]:
+    """The pairs ``encode_shard`` encodes from ``shard``, in its order, or None and why there are none.
+
+    What a per-shard step beside the encoding (reward scoring, embedding)
+    reads, so its rows are the latent shard's rows: ``validate_shard`` with the
+    same arguments (ties dropped, winner first, quarantined rows left out), or
+    with ``validation=None`` ``prepare_shard`` alone, as ``build_latent_shards``
+    does. A shard that fails validation or is quarantined whole has no pairs:
+    its encode step is the one that reports it.
+    """
+    if validation is None:
+        pairs, _stats = prepare_shard(read_shard(shard, max_rows=max_rows), options, shard)
+    else:
+        verdict = validate_shard(shard, options, validation, max_rows=max_rows)
+        if not verdict.passed or verdict.pairs is None:
+            return None, verdict.unreadable or "failed validation"
+        pairs = verdict.pairs
+    if len(pairs) == 0:
+        return None, "no pairs left after validation"
+    return pairs, None
 
 
 class ShardValidationError(ValueError):

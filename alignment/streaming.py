@@ -369,29 +369,23 @@ def sharded_batches(manifest: ShardManifest, seed: int, buffer_shards: int) -> S
 
 
 def streaming_trainer(components, inputs: TrainingInputs, config, *, batches, **trainer_options):
-    """A ``PreferenceTrainer`` (not yet set up) whose batch source is ``batches`` (a shard-aware order).
+    """A ``PreferenceTrainer`` (not yet set up) over streamed shards; ``batches`` is the shard-aware order.
 
-    The trainer takes its batches from the method (``PreferenceMethod.batch_source``);
-    methods that plan their own batches (Diffusion-RPO's mined neighbours)
-    are refused here by name, since their plan indexes the whole data set.
-    ``trainer_options`` go to the trainer (``accelerator=`` for a worker of
-    ``alignment.launch``: each process keeps its slice of every global batch,
-    so its buffer only reads the shards its slices touch).
+    The method decides the order (``PreferenceMethod.sharded_batch_source``):
+    the shard order for methods with random batches, Diffusion-RPO's batches
+    mined within groups of shards; a method with a plan over the whole data
+    set only is refused by name. ``trainer_options`` go to the trainer
+    (``accelerator=`` for a worker of ``alignment.launch``: each process keeps
+    its slice of every global batch, so its buffer only reads the shards its
+    slices touch).
     """
-    from alignment.methods import PreferenceMethod
     from alignment.train import PreferenceTrainer
 
-    trainer = PreferenceTrainer(components, inputs, config, **trainer_options)
-    if type(trainer.method).batch_source is not PreferenceMethod.batch_source:
-        raise ValueError(
-            f"method {trainer.method.name!r} plans its own batches over the whole data set; "
-            "streaming training supports methods with the default random batches (sft, dpo, smpo)"
-        )
-    rows = getattr(batches, "num_rows", batches.num_pairs)
+    order = config.method_class(config).sharded_batch_source(inputs, batches)
+    rows = getattr(order, "num_rows", order.num_pairs)
     if rows != len(inputs):
         raise ValueError(f"the batch order covers {rows} pairs but the inputs hold {len(inputs)}")
-    trainer.batches = batches
-    return trainer
+    return PreferenceTrainer(components, inputs, config, batches=order, **trainer_options)
 
 
 def train_streaming(

@@ -58,7 +58,7 @@ from alignment import checkpoints
 from alignment.batching import Conditioning, PairBatch, gather_batch
 from alignment.conditioning import predict_noise
 from alignment.encoding import EncodedPairs
-from alignment.inputs import TrainingInputs, as_training_inputs, derived_seed
+from alignment.inputs import BatchSource, TrainingInputs, as_training_inputs, derived_seed
 from alignment.losses import LossOutput
 from alignment.methods import PreferenceMethod
 from alignment.models import DiffusionComponents, adapters_disabled, add_lora, move_module
@@ -288,6 +288,7 @@ class PreferenceTrainer:
         show_progress: bool = True,
         log_fn: Callable[[dict[str, float], int], None] | None = None,
         on_step_end: Callable[[int], None] | None = None,
+        batches: BatchSource | None = None,
     ) -> None:
         inputs = as_training_inputs(inputs)
         if components.arch != inputs.encoded.arch:
@@ -300,7 +301,8 @@ class PreferenceTrainer:
         self.method.check_inputs(inputs)
         self.components = components
         self.inputs = inputs
-        self.batches = self.method.batch_source(inputs)
+        # the method's own order, unless the caller plans over shards (alignment.streaming)
+        self.batches = batches if batches is not None else self.method.batch_source(inputs)
         self.config = config
         self.checkpoint_dir = Path(checkpoint_dir)
         self.fingerprint = fingerprint

@@ -43,7 +43,7 @@ def training_pipelines() -> dict[str, tuple[str, str]]:
     return {f"{method}_{arch}": (method, arch) for method in method_names() for arch in ARCHES}
 
 
-SHARDED_METHODS = ("dpo", "smpo")
+SHARDED_METHODS = ("dpo", "smpo", "rpo")
 """Methods with a ``<method>_<arch>_sharded`` pipeline (Pick-a-Pic at full size; pipelines/sharded.py)."""
 
 

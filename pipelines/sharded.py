@@ -12,6 +12,14 @@ SmPO (``smpo_sdxl_sharded``, ...) adds its reward scoring, fanned out the same w
 and in cached inversion mode one ``invert_shard`` per encoded shard (the
 reference's inversion of its pairs, streamed beside the latents).
 
+Diffusion-RPO (``rpo_sdxl_sharded``, ...) embeds every shard's pairs and mines
+neighbours within groups of shards (``alignment.shard_mining``):
+
+    list_preference_shards -> embed_shard x N -> mine_shards (with the manifest: one group of
+        ``sharding.buffer_shards`` shards at a time) -> train_streaming (batches within one group)
+
+Each method's part is wired in ``pipelines/methods/<method>.py``.
+
 ZenML dynamic pipelines (``@pipeline(dynamic=True)``; the local, Kubernetes
 and Vertex orchestrators run them) launch one ``encode_shard`` step per shard,
 concurrently, each in its own pod on a cluster with the resources the
@@ -26,55 +34,44 @@ re-scores nothing).
 
 from __future__ import annotations
 
+import importlib
 import inspect
 
 from zenml import pipeline
 from zenml.pipelines.pipeline_definition import Pipeline
 
-from alignment.methods import get_method
+from alignment.methods import get_method, method_module
 from alignment.shards import ShardingConfig
 from pipelines.catalog import ARCH_LABELS, REQUIRED_PARAMETERS, parameter_models, sharded_pipelines
 from steps.encode_shard import encode_shard
 from steps.evaluate_alignment import evaluate_alignment
 from steps.find_drift_reference import find_drift_reference
-from steps.invert_shard import invert_shard
 from steps.list_shards import list_preference_shards
 from steps.report_drift import report_drift
-from steps.score_shard import score_shard
 from steps.shard_manifest import shard_manifest
-from steps.smooth_shards import smooth_shards
 from steps.train_streaming import train_streaming
 
 
-def _smpo_fan_out(items: list, encoded: list, params: dict) -> tuple[list, list | None]:
-    scores = [
-        score_shard.submit(
-            shard=item["shard"], rows=item["rows"], data=params["data"], validation=params["validation"],
-            reward=params["reward"],
-        )  # fmt: skip
-        for item in items
-    ]
-    training = params["training"]
-    inversion = training.options.inversion
-    inverted = None
-    if inversion is not None and inversion.mode == "cached":  # one inversion shard per latent shard
-        inverted = [
-            invert_shard.submit(shard=shard, model=params["model"], inversion=inversion, seed=training.seed)
-            for shard in encoded
-        ]
-    return scores, inverted
+def _sharded_wiring(method: str) -> tuple:
+    """``(fan_out, reduce, fanned-out step templates)`` of the method's data steps on shards, or Nones.
 
-
-def _smpo_reduce(fanned: tuple[list, list | None], manifest, params: dict) -> dict:
-    scores, inverted = fanned
-    labels, _histogram = smooth_shards(scores=scores, manifest=manifest, smoothing=params["smoothing"])
-    return {"soft_labels": labels} if inverted is None else {"soft_labels": labels, "inversion_shards": inverted}
-
-
-SHARDED_PAIR_INPUTS = {"smpo": (_smpo_fan_out, _smpo_reduce, ("soft_labels",), [score_shard, invert_shard])}
-"""Per method with per-pair inputs: (fan-out over the shard list and the encoded shards, reduce with the manifest
-into train_streaming's extra inputs, their names, the fanned-out step templates): the sharded
-``pipelines/methods/<method>.py``."""
+    ``pipelines/methods/<method>.py`` defines them for a method with per-pair
+    inputs of its own: ``sharded_fan_out(items, encoded, params)`` starts its
+    steps over the shard list and the encoded shards; ``sharded_reduce(fanned,
+    manifest, params)`` turns their outputs into ``train_streaming``'s extra
+    inputs; ``SHARDED_STEPS`` lists the fanned-out steps (their YAML settings
+    apply to every invocation).
+    """
+    module_name = method_module(method).replace("alignment.methods", "pipelines.methods", 1)
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as error:
+        if error.name != module_name:
+            raise
+        return None, None, []
+    if not hasattr(module, "sharded_fan_out"):
+        return None, None, []
+    return module.sharded_fan_out, module.sharded_reduce, list(module.SHARDED_STEPS)
 
 
 def _align_sharded(name: str, arch: str, method: str, params: dict) -> None:
@@ -84,7 +81,7 @@ def _align_sharded(name: str, arch: str, method: str, params: dict) -> None:
     _check(name, arch, method, model, training)
     if training.finetune != "lora":
         raise ValueError(f"pipeline {name} trains LoRA adapters; training.finetune is {training.finetune!r}")
-    fan_out, reduce, _names, _templates = SHARDED_PAIR_INPUTS.get(method, (None, None, (), []))
+    fan_out, reduce, _templates = _sharded_wiring(method)
     listed = list_preference_shards(data=data, sharding=params["sharding"])
     items = listed.load()
     encoded = [
@@ -128,7 +125,7 @@ def _make_pipeline(name: str, method_name: str, arch: str) -> Pipeline:
     entrypoint.__module__ = __name__
     entrypoint.__doc__ = f"{method.summary} on {ARCH_LABELS[arch]}, from sharded data (streamed)."
     entrypoint.__signature__ = _signature(f"{method_name}_{arch}")
-    templates = SHARDED_PAIR_INPUTS.get(method_name, (None, None, (), []))[3]
+    templates = _sharded_wiring(method_name)[2]
     return pipeline(
         name=name, dynamic=True, depends_on=[encode_shard, *templates, train_streaming, evaluate_alignment]
     )(entrypoint)

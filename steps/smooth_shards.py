@@ -2,25 +2,16 @@
 
 from __future__ import annotations
 
-import json
-import os
 from typing import Annotated
 
 from PIL import Image
 from zenml import ArtifactConfig, log_metadata, step
-from zenml.io import fileio
 
-from alignment.encoding import META_FILE
 from alignment.shard_scoring import reduce_shard_scores
-from alignment.shards import LatentShard, ShardManifest
+from alignment.shards import ShardManifest
 from alignment.smoothing import SmoothingConfig, soft_label_histogram
 from steps.caching import cache_on
-
-
-def _pair_ids(entry: LatentShard) -> list[str]:
-    """A latent shard's pair ids, from its json sidecar in the artifact store (the latents are not read)."""
-    with fileio.open(os.path.join(entry.uri, META_FILE), "r") as handle:
-        return list(json.load(handle)["pair_ids"])
+from steps.store import latent_pair_ids
 
 
 @step(cache_policy=cache_on(__name__))
@@ -42,7 +33,7 @@ def smooth_shards(
         ``{"pair_ids", "soft_label", "swap", "manifest", "shards", "stats"}`` and a histogram of p.
     """
     shards = ShardManifest.from_dict(manifest)
-    labels, stats = reduce_shard_scores(scores, shards, smoothing, pair_ids_of=_pair_ids)
+    labels, stats = reduce_shard_scores(scores, shards, smoothing, pair_ids_of=latent_pair_ids)
     log_metadata({f"smoothing/{k}": v for k, v in stats.items()}, artifact_name="soft_labels", infer_artifact=True)
     histogram = soft_label_histogram(labels["soft_label"], stats)
     labels["stats"] = stats

@@ -7,6 +7,7 @@ method here: this module is in the cache key of ``encode_shard``.
 
 from __future__ import annotations
 
+import json
 import os
 import tempfile
 from collections.abc import Callable
@@ -15,7 +16,8 @@ from typing import TypeVar
 
 from zenml.io import fileio
 
-from alignment.encoding import EncodedPairs
+from alignment.encoding import META_FILE, EncodedPairs
+from alignment.shards import LatentShard
 
 T = TypeVar("T")
 
@@ -44,3 +46,9 @@ def read_from_store(uri: str, load: Callable[[str], T]) -> T:
 def load_from_store(uri: str) -> EncodedPairs:
     """One latent shard from the artifact store."""
     return read_from_store(uri, EncodedPairs.load)
+
+
+def latent_pair_ids(entry: LatentShard) -> list[str]:
+    """A latent shard's pair ids, from its json sidecar in the artifact store (the latents are not read)."""
+    with fileio.open(os.path.join(entry.uri, META_FILE), "r") as handle:
+        return list(json.load(handle)["pair_ids"])

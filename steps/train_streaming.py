@@ -14,6 +14,7 @@ from alignment.config import OutputConfig
 from alignment.launch import launch_streaming_training
 from alignment.models import ModelSpec, load_components
 from alignment.shard_inversion import inversion_manifest, with_cached_inversion
+from alignment.shard_mining import with_mined_inputs
 from alignment.shard_scoring import labelled_streaming_inputs
 from alignment.shards import ShardingConfig, ShardManifest
 from alignment.streaming import sharded_batches, streaming_inputs
@@ -23,6 +24,7 @@ from alignment.train_config import TrainConfig
 from steps import tracking
 from steps.caching import TOY_BASE_MODELS, cache_on
 from steps.invert_shard import load_inversion_from_store
+from steps.mine_shards import load_mined_from_store
 from steps.paths import repo_path
 from steps.store import load_from_store
 from steps.train_alignment import WEIGHTS_ARTIFACT
@@ -33,7 +35,8 @@ from steps.train_alignment import WEIGHTS_ARTIFACT
 # the cache key here, and the weights artifact is named for LoRA (the sharded pipelines train LoRA).
 @step(
     cache_policy=cache_on(
-        __name__, "alignment.methods.dpo", "alignment.methods.sft", "alignment.methods.smpo", data=TOY_BASE_MODELS
+        __name__, "alignment.methods.dpo", "alignment.methods.sft", "alignment.methods.smpo", "alignment.methods.rpo",
+        data=TOY_BASE_MODELS,
     ),
     substitutions={"weights_artifact": WEIGHTS_ARTIFACT["lora"]},
 )
@@ -47,6 +50,7 @@ def train_streaming(
     # A list of step outputs: ZenML loads the items only under a plain ``list`` annotation, and checks the
     # default against it (so neither ``list | None`` nor ``None``); empty: no cached inversion.
     inversion_shards: list = [],  # noqa: B006 (never mutated)
+    mined_shards: dict | None = None,
 ) -> tuple[
     Annotated[Path, ArtifactConfig(name="{weights_artifact}", artifact_type=ArtifactType.MODEL)],
     Annotated[dict, ArtifactConfig(name="training_metrics")],
@@ -61,7 +65,9 @@ def train_streaming(
     through their own buffer of ``sharding.buffer_shards`` and keep their
     slice of every global batch (only the shards of their slices are read).
     SmPO's cached mode streams ``inversion_shards`` (one per latent shard,
-    ``invert_shard``) through a second buffer of the same size.
+    ``invert_shard``) through a second buffer of the same size; Diffusion-RPO
+    streams ``mined_shards`` (``mine_shards``) alike, its batches mined within
+    one group of shards.
     """
     shards = ShardManifest.from_dict(manifest)
     inputs = streaming_inputs(shards, buffer_shards=sharding.buffer_shards, loader=load_from_store)
@@ -73,6 +79,8 @@ def train_streaming(
         inputs = with_cached_inversion(
             inputs, soft_labels, inversions, buffer_shards=sharding.buffer_shards, loader=load_inversion_from_store
         )
+    if mined_shards is not None:  # RPO: embeddings and neighbours per shard, beside the latents
+        inputs = with_mined_inputs(inputs, mined_shards, buffer_shards=sharding.buffer_shards, loader=load_mined_from_store)
     fingerprint = run_fingerprint(inputs, model, training)
     checkpoint_dir = repo_path(output.checkpoint_root) / fingerprint
     tracking.log_config(
@@ -82,10 +90,13 @@ def train_streaming(
     if training.num_processes > 1:
         # The workers load the model and their own shards. They import the loader by name: local shards
         # need none of ZenML's (load_from_store would import every step into every worker).
-        local = all(os.path.isdir(entry.uri) for entry in shards.shards + (inversions.shards if inversions else []))
+        stored = [e["uri"] for e in mined_shards["shards"]] if mined_shards else []
+        stored += [e.uri for e in shards.shards + (inversions.shards if inversions else [])]
+        local = all(os.path.isdir(uri) for uri in stored)
         result, weights_dir = launch_streaming_training(
             model, shards, training, buffer_shards=sharding.buffer_shards, loader=None if local else load_from_store,
             soft_labels=soft_labels, inversions=inversions, inversion_loader=None if local else load_inversion_from_store,
+            mined=mined_shards, mined_loader=None if local else load_mined_from_store,
             checkpoint_dir=checkpoint_dir, fingerprint=fingerprint, out_dir=tempfile.mkdtemp(prefix=prefix + "launch_"),
             log_fn=tracking.step_logger(),
         )  # fmt: skip

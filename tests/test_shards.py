@@ -302,9 +302,10 @@ def test_streaming_resume_mid_epoch_matches_the_uninterrupted_run(manifest, tmp_
         torch.testing.assert_close(actual[key], expected[key], rtol=1e-5, atol=1e-6)
 
 
-def test_methods_that_plan_their_own_batches_are_refused_when_streaming(manifest, tmp_path):
+def test_methods_that_plan_their_own_batches_need_a_plan_over_shards(manifest, tmp_path):
+    # RPO plans mined batches over shards only from inputs mined per group (alignment.shard_mining)
     config = tiny_config(method="rpo")
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="not mined per group of shards"):
         train_streaming(
             build_tiny_components("sdxl", seed=0), streaming_inputs(manifest, buffer_shards=2), config,
             batches=sharded_batches(manifest, 0, 2), checkpoint_dir=tmp_path, show_progress=False,

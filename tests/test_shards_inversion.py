@@ -132,7 +132,7 @@ def test_a_missing_or_stale_inversion_shard_is_named(manifest, inverted):
     with pytest.raises(ValueError, match="latent shard train-00001-of-00099 has no inversion shard"):
         inversion_manifest(manifest, [inverted[0], inverted[2]], INVERSION)
     stale = [inverted[0], {**inverted[1], "latent_key": "0123456789abcdef"}, inverted[2]]
-    with pytest.raises(ValueError, match="shard train-00001-of-00099: inverted from latent shard 0123456789abcdef"):
+    with pytest.raises(ValueError, match="shard train-00001-of-00099: its inversion shard was made from latent shard 0123456789abcdef"):
         inversion_manifest(manifest, stale, INVERSION)
     with pytest.raises(ValueError, match="inverted at 2 timestep"):
         inversion_manifest(manifest, inverted, INVERSION.model_copy(update={"timesteps_per_pair": 4}))

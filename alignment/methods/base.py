@@ -13,7 +13,8 @@ habit: the recipe is generic, the method is chosen by config). It declares
   the encoded pairs are all it needs);
 * ``loss(step, batch)``: its loss on one micro-batch, from the per-sample
   errors the ``TrainingStep`` computes;
-* optionally ``batch_source``: which pairs make up a batch (random by default);
+* optionally ``batch_source``: which pairs make up a batch (random by default),
+  and ``sharded_batch_source``: the same over streamed shards;
 * ``prepare_inputs``: the same bundle its pipeline steps make, built in one
   call without ZenML (what benchmarks and scripts use; the pipeline runs the
   same library functions as separate, cached steps).
@@ -71,6 +72,20 @@ class PreferenceMethod:
 
     def batch_source(self, inputs: TrainingInputs) -> BatchSource:
         return RandomBatches(num_pairs=len(inputs), seed=self.config.seed)
+
+    def sharded_batch_source(self, inputs: TrainingInputs, shard_order: BatchSource) -> BatchSource:
+        """The order over streamed shards (``alignment.streaming``); ``shard_order`` is the shard-aware random one.
+
+        A method that plans its own batches must say how it plans them over
+        shards (a plan over the whole data set would read every shard at
+        every step); one that does not is refused by name.
+        """
+        if type(self).batch_source is not PreferenceMethod.batch_source:
+            raise ValueError(
+                f"method {self.name!r} plans its own batches but has no plan over sharded data "
+                "(PreferenceMethod.sharded_batch_source)"
+            )
+        return shard_order
 
     @classmethod
     def validated_parameters(cls, parameters: dict) -> dict[str, BaseModel]:

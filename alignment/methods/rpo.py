@@ -19,6 +19,10 @@ into this bundle. Per-pair inputs: ``rpo_embed_w`` / ``rpo_embed_l`` [N, D]
 (what the weights compare, by ``mining.similarity``), ``rpo_neighbours``
 [N, k] and ``rpo_prompt_id`` [N] (what the mined batches are made from).
 
+On sharded data (``rpo_*_sharded``) the pairs are embedded per shard and
+mined within fixed groups of shards, and a batch never leaves its group
+(``alignment.shard_mining``).
+
 Under multi-process training the errors and embeddings of every process are
 gathered, so the matrix spans the global micro-batch and N processes train
 like one; with gradient accumulation it spans one micro-batch.
@@ -69,6 +73,14 @@ class DiffusionRPO(PreferenceMethod):
         return MinedBatches(
             neighbours=inputs.pair_inputs[NEIGHBOURS], prompts=inputs.pair_inputs[PROMPT_ID], seed=self.config.seed
         )
+
+    def sharded_batch_source(self, inputs: TrainingInputs, shard_order: BatchSource) -> BatchSource:
+        """Mined: batches within one mining group of shards (``alignment.shard_mining``); random: the shard order."""
+        if self.options.batches == "random":
+            return shard_order
+        from alignment.shard_mining import grouped_mined_batches
+
+        return grouped_mined_batches(inputs, seed=self.config.seed)
 
     def prepare_inputs(self, pairs, encoded, components, parameters) -> tuple[TrainingInputs, dict]:
         """Embed the pairs with the configured embedder, then mine (the pipeline's two steps)."""
