@@ -174,3 +174,45 @@ def test_a_stale_mined_shard_or_a_group_wider_than_the_buffer_is_named(manifest,
     missing = [e for e in embedded if e["name"] != manifest.shards[2].name]
     with pytest.raises(ValueError, match="latent shard train-00002-of-00099 has no pair embeddings"):
         mine(manifest, missing, tmp_path / "again", group_shards=2)
+
+
+@pytest.mark.pipeline
+def test_rpo_sdxl_sharded_tiny_embeds_per_shard_mines_per_group_and_trains_on_two_workers(tmp_path):
+    from zenml.client import Client
+
+    from pipelines import PIPELINES, configuration
+
+    name = "rpo_sdxl_sharded"
+    data = tmp_path / "data"
+    build_sharded_pickapic(data, n_pairs=3 * ROWS_PER_SHARD, rows_per_shard=ROWS_PER_SHARD, total_shards=99)
+    _config, resolved = configuration.prepare(
+        name,
+        profile="tiny",
+        overrides=(
+            f"parameters.data.path={data}",
+            "parameters.model.resolution=32",
+            "parameters.training.max_train_steps=2",
+            # 2 data-parallel workers: the mined shards reach each worker through the launcher's job directory
+            "parameters.training.train_batch_size=2",
+            "parameters.training.num_processes=2",
+            "parameters.sharding.buffer_shards=2",  # mining groups of 2 shards: [0, 1] and [2]
+            "parameters.evaluation.scorer=none",
+            "parameters.evaluation.prompt_set=list",
+            "parameters.evaluation.prompts=[a red circle, a blue square]",
+            "parameters.evaluation.seeds_per_prompt=2",
+            f"parameters.output.checkpoint_root={tmp_path / 'checkpoints'}",
+        ),
+    )
+    PIPELINES[name].with_options(config_path=str(resolved), enable_cache=True)()
+    run = Client().get_pipeline(name).last_run
+    assert run.status.value == "completed"
+    embedded = sorted(n for n in run.steps if n.startswith("embed_shard"))
+    assert len(embedded) == 3
+    manifest = run.steps["shard_manifest"].outputs["shard_manifest"][0].load()
+    mined = run.steps["mine_shards"].outputs["mined_shards"][0].load()
+    assert mined["groups"] == [[0, 2], [2, 3]]
+    assert [e["name"] for e in mined["shards"]] == [s["name"] for s in manifest["shards"]]
+    assert mined["summary"]["num_groups"] == 2 and mined["summary"]["pairs"] == manifest["pairs"]
+    metrics = run.steps["train_streaming"].outputs["training_metrics"][0].load()
+    assert metrics["summary"]["final_step"] == 2 and metrics["summary"]["num_processes"] == 2
+    assert metrics["summary"]["most_shards_held"] <= 2
