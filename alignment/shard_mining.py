@@ -213,47 +213,74 @@ def mine_shard_groups(
     settings = mining.model_dump(mode="json")
     entries, summaries, prompt_offset = [], [], 0
     for start, stop in tqdm(groups, desc="mining groups of shards", unit="group", disable=not show_progress):
-        positions = range(start, stop)
-        group = _concatenated(_group_embeddings(manifest, positions, by_name, load, pair_ids_of))
-        first_row = int(offsets[start])
-        excluded = np.array(
-            [offsets[p] - first_row + i for p in positions for i in manifest.shards[p].excluded], dtype=np.int64
-        )
-        kept = np.setdiff1d(np.arange(len(group)), excluded)
-        if len(kept) == 0:
-            raise ValueError(f"mining group of shards {manifest.shards[start].name}..{manifest.shards[stop - 1].name}: every pair is excluded")
-        embed_w, embed_l = (v.float().contiguous() for v in pair_vectors(group, mining.similarity, joint=mining.joint))
-        keys = mining_keys(group, mining.similarity, joint=mining.joint)[torch.from_numpy(kept)].contiguous()
-        kept_prompts = [group.prompts[i] for i in kept.tolist()]
-        search: dict = {}
-        local = nearest_other_prompts(
-            keys, kept_prompts, mining.neighbours, one_per_prompt=mining.one_per_prompt, stats=search,
-            **mining.index_options(),
+        # one group at a time, in a function of its own: its arrays are freed before the next group loads
+        written, summary, prompt_offset = _mine_group(
+            manifest, range(start, stop), by_name, mining, settings, offsets, prompt_offset,
+            load=load, pair_ids_of=pair_ids_of, out_dir=Path(out_dir), publish=publish, batch_size=batch_size, seed=seed,
         )  # fmt: skip
-        # kept-local neighbour indices -> manifest-wide rows; excluded pairs get no neighbours
-        neighbours = torch.full((len(group), local.shape[1]), -1, dtype=torch.int64)
-        rows = torch.from_numpy(kept + first_row)
-        neighbours[torch.from_numpy(kept)] = torch.where(local >= 0, rows[local.clamp(min=0)], local)
-        ids = prompt_ids(group.prompts) + prompt_offset
-        prompt_offset = int(ids.max()) + 1
-        summary = plan_summary(keys, MinedBatches(neighbours=local, prompts=kept_prompts, seed=seed), size=batch_size, seed=seed)
-        summaries.append({"shards": [start, stop], "search": search, **summary})
-        member_keys = [manifest.shards[p].key for p in positions]
-        for position in positions:
-            latent = manifest.shards[position]
-            lo, hi = int(offsets[position]) - first_row, int(offsets[position + 1]) - first_row
-            key = hashlib.sha256(
-                json.dumps([latent.key, by_name[latent.name]["key"], settings, member_keys, list(latent.excluded)]).encode()
-            ).hexdigest()[:16]
-            meta = {"name": latent.name, "latent_key": latent.key, "key": key, "pairs": latent.pairs, "group": [start, stop]}
-            tensors = {
-                "rpo_embed_w": embed_w[lo:hi], "rpo_embed_l": embed_l[lo:hi], "rpo_neighbours": neighbours[lo:hi],
-                "rpo_prompt_id": ids[lo:hi],
-            }  # fmt: skip
-            directory = write_tensor_shard(Path(out_dir) / f"{latent.name}-{key}", tensors, meta, files=FILES)
-            entries.append({**meta, "uri": publish(directory)})
-        del group, embed_w, embed_l, keys
+        entries += written
+        summaries.append(summary)
     return {"shards": entries, "groups": [list(g) for g in groups], "group_shards": group_shards, "summary": _pooled(summaries)}
+
+
+def _mine_group(
+    manifest: ShardManifest,
+    positions: range,
+    by_name: dict,
+    mining: MiningConfig,
+    settings: dict,
+    offsets: np.ndarray,
+    prompt_offset: int,
+    *,
+    load: EmbeddingsLoader,
+    pair_ids_of: PairIdsReader,
+    out_dir: Path,
+    publish: Callable[[Path], str],
+    batch_size: int,
+    seed: int,
+) -> tuple[list[dict], dict, int]:
+    """One mining group: its mined shards' entries, its plan summary and the next free prompt id."""
+    start, stop = positions.start, positions.stop
+    group = _concatenated(_group_embeddings(manifest, positions, by_name, load, pair_ids_of))
+    first_row = int(offsets[start])
+    excluded = np.array(
+        [offsets[p] - first_row + i for p in positions for i in manifest.shards[p].excluded], dtype=np.int64
+    )
+    kept = np.setdiff1d(np.arange(len(group)), excluded)
+    if len(kept) == 0:
+        raise ValueError(
+            f"mining group of shards {manifest.shards[start].name}..{manifest.shards[stop - 1].name}: every pair is excluded"
+        )
+    embed_w, embed_l = (v.float().contiguous() for v in pair_vectors(group, mining.similarity, joint=mining.joint))
+    keys = mining_keys(group, mining.similarity, joint=mining.joint)[torch.from_numpy(kept)].contiguous()
+    kept_prompts = [group.prompts[i] for i in kept.tolist()]
+    search: dict = {}
+    local = nearest_other_prompts(
+        keys, kept_prompts, mining.neighbours, one_per_prompt=mining.one_per_prompt, stats=search,
+        **mining.index_options(),
+    )  # fmt: skip
+    # kept-local neighbour indices -> manifest-wide rows; excluded pairs get no neighbours
+    neighbours = torch.full((len(group), local.shape[1]), -1, dtype=torch.int64)
+    rows = torch.from_numpy(kept + first_row)
+    neighbours[torch.from_numpy(kept)] = torch.where(local >= 0, rows[local.clamp(min=0)], local)
+    ids = prompt_ids(group.prompts) + prompt_offset
+    summary = plan_summary(keys, MinedBatches(neighbours=local, prompts=kept_prompts, seed=seed), size=batch_size, seed=seed)
+    member_keys = [manifest.shards[p].key for p in positions]
+    entries = []
+    for position in positions:
+        latent = manifest.shards[position]
+        lo, hi = int(offsets[position]) - first_row, int(offsets[position + 1]) - first_row
+        key = hashlib.sha256(
+            json.dumps([latent.key, by_name[latent.name]["key"], settings, member_keys, list(latent.excluded)]).encode()
+        ).hexdigest()[:16]
+        meta = {"name": latent.name, "latent_key": latent.key, "key": key, "pairs": latent.pairs, "group": [start, stop]}
+        tensors = {
+            "rpo_embed_w": embed_w[lo:hi], "rpo_embed_l": embed_l[lo:hi], "rpo_neighbours": neighbours[lo:hi],
+            "rpo_prompt_id": ids[lo:hi],
+        }  # fmt: skip
+        directory = write_tensor_shard(out_dir / f"{latent.name}-{key}", tensors, meta, files=FILES)
+        entries.append({**meta, "uri": publish(directory)})
+    return entries, {"shards": [start, stop], "search": search, **summary}, int(ids.max()) + 1
 
 
 def _pooled(groups: list[dict]) -> dict:
