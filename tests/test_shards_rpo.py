@@ -216,3 +216,32 @@ def test_rpo_sdxl_sharded_tiny_embeds_per_shard_mines_per_group_and_trains_on_tw
     metrics = run.steps["train_streaming"].outputs["training_metrics"][0].load()
     assert metrics["summary"]["final_step"] == 2 and metrics["summary"]["num_processes"] == 2
     assert metrics["summary"]["most_shards_held"] <= 2
+
+
+def test_two_streaming_rpo_workers_train_like_one_process(manifest, embedded, tmp_path):
+    # Every worker plans the same grouped batches (reading the group's neighbours through its own buffer)
+    # and keeps its slice; the RPO matrix spans the gathered global micro-batch, as in memory.
+    from safetensors.torch import load_file
+
+    from alignment.launch import launch_streaming_training
+    from alignment.models import LORA_WEIGHTS_FILE, ModelSpec
+    from tests.test_distributed import assert_trains_like_one_process
+
+    mined = mine(manifest, embedded, tmp_path / "mined", group_shards=2)
+    single = TrainConfig(
+        method="rpo", beta=500.0, lora=LoraSpec(rank=4), learning_rate=1e-3, max_train_steps=3, train_batch_size=BATCH,
+        caption_dropout=0.25, checkpointing_steps=100, checkpoints_total_limit=None,
+    )  # fmt: skip
+    components = build_tiny_components("sdxl", seed=0)
+    bundle = with_mined_inputs(streaming_inputs(manifest, buffer_shards=2), mined, buffer_shards=2)
+    train_streaming(
+        components, bundle, single, batches=sharded_batches(manifest, single.seed, buffer_shards=2),
+        checkpoint_dir=tmp_path / "one", show_progress=False,
+    )  # fmt: skip
+    double = single.model_copy(update={"train_batch_size": BATCH // 2, "num_processes": 2})
+    result, weights_dir = launch_streaming_training(
+        ModelSpec(arch="sdxl", pretrained="tiny"), manifest, double, buffer_shards=2, mined=mined,
+        checkpoint_dir=tmp_path / "two", fingerprint="two", out_dir=tmp_path / "out", print_fn=lambda line: None,
+    )  # fmt: skip
+    assert result.final_step == 3 and all(p["most_shards_held"] <= 2 for p in result.extra["streaming"])
+    assert_trains_like_one_process(load_file(str(weights_dir / LORA_WEIGHTS_FILE)), lora_state_dict(components.unet))
