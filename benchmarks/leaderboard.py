@@ -26,6 +26,12 @@ Protocol (the same for every method; a method module that lands later joins by n
    and reference alike; backward passes not counted), and the seconds and UNet
    evaluations each method needs to reach DPO's final win rate on the curve grid.
 
+Rich-PO is a data recipe, not a loss: its entry (``PAIR_RECIPES``) trains
+Diffusion-DPO at DPO's chosen setting on the pairs Rich-PO makes on each base
+(toy critic, toy editor, toy reward model; made once per base and cached in
+``benchmarks/results/leaderboard/pools/``) instead of the annotators' pairs,
+and counts making them as its preparation time and UNet evaluations.
+
 Every cell (one training run and its scores) is written atomically to
 ``benchmarks/results/leaderboard/cells/<cell>.json`` as soon as it ends, with
 the world it ran on (the toy data's hashes in ``dvc.lock``): an interrupted
@@ -107,7 +113,14 @@ OPTION_SWEEPS: dict[str, tuple[str, str, tuple[float, ...]]] = {
 SWEEP_GRIDS: dict[str, tuple[tuple[float, ...], tuple[float, ...]]] = {"rpo": ((2000.0, 5000.0), (1e-3,))}
 # Ablations that reuse another entry's chosen setting instead of a sweep of their own: they change one
 # factor at fixed hyper-parameters.
-SETTING_FROM: dict[str, str] = {"rpo_random": "rpo"}
+SETTING_FROM: dict[str, str] = {"rpo_random": "rpo", "richpo": "dpo"}
+# Entries that train a method on pairs a data recipe made instead of the annotators' pairs, at that
+# method's chosen setting (SETTING_FROM): entry -> (method, recipe pipeline prefix). Rich-PO samples each
+# base on the train prompts, critiques the samples (toy critic), edits them (toy editor) and keeps the
+# edits the toy reward model prefers (the toy profile's richpo_<arch>; the oracle never sees them). The
+# pool is made once per base, cached in POOLS_DIR, and its cost is charged to every cell as preparation.
+PAIR_RECIPES: dict[str, tuple[str, str]] = {"richpo": ("dpo", "richpo")}
+POOLS_DIR = RESULTS_DIR / "leaderboard" / "pools"
 TOY_STAGES = (
     "toyworld_oracle",
     "toyworld_base_sdxl",
@@ -161,8 +174,9 @@ def world_fingerprint(arch: str) -> str:
 
 
 def entries(requested: Sequence[str] | None) -> list[str]:
-    """Leaderboard entries: every registered method, with SmPO in its online and cached modes."""
+    """Leaderboard entries: every registered method, SmPO in its online and cached modes, and the pair recipes."""
     available = [name for name in method_names() if name not in {v[0] for v in VARIANTS.values()}] + list(VARIANTS)
+    available += list(PAIR_RECIPES)
     if not requested:
         return available
     unknown = sorted(set(requested) - set(available))
@@ -171,9 +185,15 @@ def entries(requested: Sequence[str] | None) -> list[str]:
     return [name for name in available if name in requested]
 
 
+def _method_and_overrides(entry: str) -> tuple[str, tuple[str, ...]]:
+    if entry in PAIR_RECIPES:
+        return PAIR_RECIPES[entry][0], ()
+    return VARIANTS.get(entry, (entry, ()))
+
+
 def entry_parameters(entry: str, arch: str, cell: Cell | None = None) -> dict:
     """The toy profile's parameters of ``<method>_<arch>``, with the entry's options and the cell's setting."""
-    method, overrides = VARIANTS.get(entry, (entry, ()))
+    method, overrides = _method_and_overrides(entry)
     assignments = list(overrides)
     if cell is not None:
         assignments += [f"training.learning_rate={cell.learning_rate}", f"training.seed={cell.seed}"]
@@ -186,8 +206,7 @@ def entry_parameters(entry: str, arch: str, cell: Cell | None = None) -> dict:
 
 
 def uses_beta(entry: str) -> bool:
-    method = VARIANTS.get(entry, (entry, ()))[0]
-    return get_method(method).uses_reference
+    return get_method(_method_and_overrides(entry)[0]).uses_reference
 
 
 def sweep_cells(entry: str) -> list[Cell]:
@@ -322,6 +341,20 @@ class Data:
     encoded: dict[str, object] = field(default_factory=dict)
     prepared: dict[str, tuple] = field(default_factory=dict)
 
+    pools: dict[tuple[str, str], tuple] = field(default_factory=dict)
+
+    def for_entry(self, entry: str, arch: str, params: dict):
+        """``(pairs, encoded, pool cost)``: the annotators' pairs, or the entry's recipe pool for ``arch``."""
+        if entry not in PAIR_RECIPES:
+            return (*self.for_arch(arch, params), (0.0, 0))
+        if (entry, arch) not in self.pools:
+            pairs, cost = recipe_pool(entry, arch)
+            model = ModelSpec(**params["model"])
+            encoding = EncodeConfig(**params["encoding"])
+            encoded = encode_pairs(pairs, load_components(model), resolution=model.resolution, batch_size=encoding.batch_size)
+            self.pools[(entry, arch)] = (pairs, encoded, cost)
+        return self.pools[(entry, arch)]
+
     def for_arch(self, arch: str, params: dict):
         if self.pairs is None:
             data = DataConfig(**params["data"])
@@ -336,6 +369,49 @@ class Data:
         return self.pairs, self.encoded[arch]
 
 
+def recipe_pool(entry: str, arch: str) -> tuple[object, tuple[float, int]]:
+    """The entry's pairs on ``arch`` (winner-first) and what making them cost: (seconds, UNet images).
+
+    Made once per base with the toy profile's ``<recipe>_<arch>`` settings and cached in
+    ``POOLS_DIR/<entry>-<arch>`` (a Pick-a-Pic-schema parquet and its cost), redone for another world.
+    """
+    from alignment.data import write_pickapic_parquet
+    from alignment.richpo import recipe
+    from alignment.richpo.config import RichPOConfig
+    from alignment.richpo.curation import EXTRA_COLUMNS, curate
+
+    directory, meta_file = POOLS_DIR / f"{entry}-{arch}", POOLS_DIR / f"{entry}-{arch}.json"
+    meta = json.loads(meta_file.read_text()) if meta_file.is_file() else {}
+    if meta.get("world") != world_fingerprint(arch):
+        params = resolve_config(f"{PAIR_RECIPES[entry][1]}_{arch}", None, "toy", ())["parameters"]
+        config = RichPOConfig.model_validate(params["richpo"])
+        model = ModelSpec(**params["model"])
+        components = load_components(model)
+        print(f"{entry} pool on the {arch} toy base: sampling, critique, edit, curation", flush=True)
+        with counting_unet_images(components.unet) as unet:
+            began = time.perf_counter()
+            prompts = recipe.resolve_prompts(config.sampling)
+            samples = recipe.sample_base(components, prompts, config.sampling, model.resolution, show_progress=False)
+            critic = recipe.load_critic(config.critic)
+            critiqued = recipe.critique_samples(samples, critic, config.critic.batch_size, show_progress=False)
+            editor = recipe.load_editor(config.editor, components)
+            candidates = recipe.edit_samples(critiqued, editor, config.editor, show_progress=False)
+            original, edited = recipe.score_candidates(candidates, config.curation.reward)
+            curated = curate(candidates, original, edited, config.curation, models=(entry, "base"))
+            seconds, images = time.perf_counter() - began, unet["images"]
+        if not curated.rows:
+            raise SystemExit(f"the {entry} recipe kept no pair on the {arch} toy base")
+        write_pickapic_parquet(curated.rows, directory / "train-00000-of-00001.parquet", EXTRA_COLUMNS)
+        meta = {
+            "world": world_fingerprint(arch), "samples": len(samples), "pairs": len(curated.rows),
+            "seconds": round(seconds, 1), "unet_images": images,
+        }  # fmt: skip
+        write_json_atomically(meta_file, meta)  # written last: the parquet before it is complete
+        print(f"{entry} pool on {arch}: {len(curated.rows)} pairs from {len(samples)} samples, {seconds:.0f} s", flush=True)
+    pairs, _stats = prepare_pairs(load_preference_frame(directory), drop_ties=True)
+    return pairs, (float(meta["seconds"]), int(meta["unet_images"]))
+
+
 def run_cell(cell: Cell, data: Data) -> dict:
     params = entry_parameters(cell.entry, cell.arch, cell)
     model = ModelSpec(**params["model"])
@@ -344,7 +420,7 @@ def run_cell(cell: Cell, data: Data) -> dict:
     final = cell.stage == "final"
     evaluation = evaluation_for(params, "toyworld_heldout" if final else "toyworld_validation", FINAL_SEEDS_PER_PROMPT)
     curve_evaluation = evaluation_for(params, "toyworld_heldout", CURVE_SEEDS_PER_PROMPT)
-    pairs, encoded = data.for_arch(cell.arch, params)
+    pairs, encoded, (pool_seconds, pool_images) = data.for_entry(cell.entry, cell.arch, params)
     components = load_components(model)
     snapshots: dict[int, tuple[float, int]] = {}
     extra = method.validated_parameters(params)
@@ -357,7 +433,10 @@ def run_cell(cell: Cell, data: Data) -> dict:
         if key not in data.prepared:
             began = time.perf_counter()
             inputs, preparation = method.prepare_inputs(pairs, encoded, components, extra)
-            data.prepared[key] = (inputs, preparation, time.perf_counter() - began, unet["images"])
+            if cell.entry in PAIR_RECIPES:  # the pairs were made for this entry: their making is its preparation
+                preparation = {**preparation, "pool_seconds": round(pool_seconds, 1), "pool_pairs": len(pairs)}
+            elapsed = time.perf_counter() - began + pool_seconds
+            data.prepared[key] = (inputs, preparation, elapsed, unet["images"] + pool_images)
         inputs, preparation, preparation_seconds, preparation_images = data.prepared[key]
         # The clock and the counter start as if the bundle had just been made.
         load_before = os.getloadavg()[0]  # this run alone keeps it near its thread count; more means a shared machine

@@ -24,6 +24,21 @@ def test_every_registered_method_is_an_entry_and_smpo_runs_in_both_modes():
         leaderboard.entries(["dpo", "nonsense"])
 
 
+def test_richpo_is_dpo_on_its_own_pairs_at_dpos_chosen_setting(tmp_path, monkeypatch):
+    assert "richpo" in leaderboard.entries(None)
+    assert leaderboard.sweep_cells("richpo") == []  # no tuning budget of its own: DPO's choice
+    cell = leaderboard.Cell("final", "richpo", "sd15", 1e-3, 5000.0, 1)
+    training = leaderboard.entry_parameters("richpo", "sd15", cell)["training"]
+    assert training["method"] == "dpo" and training["beta"] == 5000.0 and training["seed"] == 1
+    monkeypatch.setattr(leaderboard, "CELLS_DIR", tmp_path)
+    assert leaderboard.chosen_setting("richpo") is None  # until DPO's sweep is done
+    for sweep in leaderboard.sweep_cells("dpo"):
+        win = 0.7 if (sweep.learning_rate, sweep.beta) == (3e-4, 2000.0) else 0.5
+        result = {"world": leaderboard.world_fingerprint("sdxl"), "cell": {**sweep.__dict__}, "scores": {"win_rate": win, "reward_mean": 0.0}}
+        leaderboard.write_json_atomically(sweep.path, result)
+    assert leaderboard.chosen_setting("richpo") == (3e-4, 2000.0, None)
+
+
 def test_sweep_gives_every_method_the_same_grid():
     dpo, sft = leaderboard.sweep_cells("dpo"), leaderboard.sweep_cells("sft")
     assert len(dpo) == len(leaderboard.SWEEP_BETAS) * len(leaderboard.SWEEP_LEARNING_RATES)
