@@ -13,16 +13,16 @@ one is made here under its name.
 
 from __future__ import annotations
 
-import importlib
 import inspect
 
 from zenml import pipeline
 from zenml.pipelines.pipeline_definition import Pipeline
 
-from alignment.methods import PreferenceMethod, get_method, method_module
+from alignment.methods import PreferenceMethod, get_method
 from alignment.models import ModelSpec
 from alignment.train_config import TrainConfig
 from pipelines.catalog import ARCH_LABELS, REQUIRED_PARAMETERS, parameter_models, training_pipelines
+from pipelines.methods import wiring_module
 from steps import (
     bundle_inputs,
     encode_pairs,
@@ -44,12 +44,8 @@ def _check(name: str, arch: str, method: str, model: ModelSpec, training: TrainC
 
 def _method_wiring(method: str):
     """The method's ``training_inputs`` wiring, or None when the encoded pairs are all it needs."""
-    module_name = method_module(method).replace("alignment.methods", "pipelines.methods", 1)
-    try:
-        module = importlib.import_module(module_name)
-    except ModuleNotFoundError as error:
-        if error.name != module_name:
-            raise
+    module = wiring_module(method)
+    if module is None:
         return None
     return module.training_inputs
 

@@ -34,15 +34,15 @@ re-scores nothing).
 
 from __future__ import annotations
 
-import importlib
 import inspect
 
 from zenml import pipeline
 from zenml.pipelines.pipeline_definition import Pipeline
 
-from alignment.methods import get_method, method_module
+from alignment.methods import get_method
 from alignment.shards import ShardingConfig
 from pipelines.catalog import ARCH_LABELS, REQUIRED_PARAMETERS, parameter_models, sharded_pipelines
+from pipelines.methods import wiring_module
 from steps.encode_shard import encode_shard
 from steps.evaluate_alignment import evaluate_alignment
 from steps.find_drift_reference import find_drift_reference
@@ -62,14 +62,8 @@ def _sharded_wiring(method: str) -> tuple:
     inputs; ``SHARDED_STEPS`` lists the fanned-out steps (their YAML settings
     apply to every invocation).
     """
-    module_name = method_module(method).replace("alignment.methods", "pipelines.methods", 1)
-    try:
-        module = importlib.import_module(module_name)
-    except ModuleNotFoundError as error:
-        if error.name != module_name:
-            raise
-        return None, None, []
-    if not hasattr(module, "sharded_fan_out"):
+    module = wiring_module(method)
+    if module is None or not hasattr(module, "sharded_fan_out"):
         return None, None, []
     return module.sharded_fan_out, module.sharded_reduce, list(module.SHARDED_STEPS)
 
