@@ -309,9 +309,11 @@ def mined_manifest(manifest: ShardManifest, mined: dict) -> ShardManifest:
 # the training bundle
 
 
-def _group_rows(manifest: ShardManifest, groups: Sequence[Sequence[int]]) -> list[tuple[int, int]]:
+def _mined_metadata(inputs: TrainingInputs, manifest: ShardManifest, mined: dict) -> dict:
+    """The bundle's metadata plus what the grouped order reads: group row ranges and excluded rows."""
     offsets = np.concatenate([[0], np.cumsum(manifest.shard_sizes)]).astype(np.int64)
-    return [(int(offsets[start]), int(offsets[stop])) for start, stop in groups]
+    groups = [(int(offsets[start]), int(offsets[stop])) for start, stop in mined["groups"]]
+    return {**inputs.metadata, GROUPS: groups, EXCLUDED: manifest.excluded_pairs()}
 
 
 def with_mined_inputs(
@@ -340,7 +342,7 @@ def with_mined_inputs(
     shards = mined_manifest(manifest, mined)
     buffer, rows = streamed_rows(shards, (EMBED_W, EMBED_L, NEIGHBOURS, PROMPT_ID), buffer_shards=buffer_shards, loader=loader)
     digest = hashlib.sha256(f"{inputs.fingerprint()}:{shards.fingerprint()}".encode()).hexdigest()[:16]
-    metadata = {**inputs.metadata, GROUPS: _group_rows(manifest, mined["groups"]), EXCLUDED: manifest.excluded_pairs()}
+    metadata = _mined_metadata(inputs, manifest, mined)
     bundle = TrainingInputs(
         encoded=inputs.encoded, pair_inputs={**inputs.pair_inputs, **rows}, metadata=metadata, _fingerprint=digest
     )
@@ -352,7 +354,7 @@ def in_memory_mined_inputs(inputs: TrainingInputs, manifest: ShardManifest, mine
     """``alignment.streaming.in_memory_inputs``' bundle plus every mined shard concatenated (small data; the reference)."""
     parts = [load_mined_shard(entry.uri) for entry in mined_manifest(manifest, mined).shards]
     pair_inputs = {name: torch.cat([p.tensors[name] for p in parts]) for name in parts[0].tensors}
-    metadata = {**inputs.metadata, GROUPS: _group_rows(manifest, mined["groups"]), EXCLUDED: manifest.excluded_pairs()}
+    metadata = _mined_metadata(inputs, manifest, mined)
     return TrainingInputs(encoded=inputs.encoded, pair_inputs={**inputs.pair_inputs, **pair_inputs}, metadata=metadata)
 
 
